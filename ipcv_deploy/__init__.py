@@ -1,0 +1,33 @@
+"""ipcv-deploy: IPCV token compression inside the vision encoders of multimodal LLMs.
+
+``apply_ipcv(vision_tower, IPCVConfig(...))`` compresses a transformers vision tower in place;
+``ipcv-export`` (``ipcv_deploy.cli``) drives demo and benchmarks.
+"""
+
+from ipcv_deploy.api import apply_ipcv, remove_ipcv
+from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    ConfigError,
+    InputError,
+    IpcvError,
+    ParityError,
+    UnsupportedModelError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "BackendUnavailableError",
+    "ConfigError",
+    "IPCVConfig",
+    "InputError",
+    "IpcvError",
+    "ParityError",
+    "UnsupportedModelError",
+    "__version__",
+    "apply_ipcv",
+    "remove_ipcv",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks: analytic FLOPs, latency, output agreement; each prints a table and writes JSON."""

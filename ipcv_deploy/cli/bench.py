@@ -1,0 +1,117 @@
+"""Benchmarks: analytic FLOPs (--flops) and PyTorch CPU latency (--latency), dense vs IPCV.
+
+Prints a table (or one JSON document with --json) and writes the JSON to --out.
+Default models: the full-size Qwen2-VL-7B ViT and InternViT-300M with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ipcv_deploy.bench.flops import FLOPS_HEADERS, flops_report, flops_table
+from ipcv_deploy.bench.latency import torch_latency
+from ipcv_deploy.bench.report import format_table, machine_info, write_json
+from ipcv_deploy.cli.options import (
+    add_ipcv_args,
+    add_model_args,
+    add_output_args,
+    ipcv_config,
+    parse_image_size,
+    print_json,
+)
+from ipcv_deploy.errors import ConfigError
+from ipcv_deploy.models import load_model, parse_dtype
+
+DEFAULT_MODELS = ("qwen2-vl-7b-vit", "internvit-300m")
+SPEEDUP_GOAL = 0.85  # speed-up at least 85% of the FLOP ratio
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``bench``."""
+    parser.add_argument("--flops", action="store_true", help="analytic FLOPs report")
+    parser.add_argument(
+        "--latency", action="store_true", help="PyTorch eager latency, dense vs IPCV"
+    )
+    add_model_args(parser, default=None)
+    parser.set_defaults(model=None)
+    parser.add_argument(
+        "--models", nargs="+", help=f"several models at once (default: {' '.join(DEFAULT_MODELS)})"
+    )
+    add_ipcv_args(parser)
+    parser.add_argument("--batch", type=int, default=1, help="images per call (latency)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per variant (latency)")
+    parser.add_argument("--out", type=Path, help="JSON output (default engines/bench/<kind>.json)")
+    add_output_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the requested benchmarks over the models."""
+    if not (args.flops or args.latency):
+        raise ConfigError("pick at least one benchmark: --flops and/or --latency")
+    if args.batch < 1 or args.runs < 1:
+        raise ConfigError(f"--batch and --runs must be >= 1, got {args.batch} and {args.runs}")
+    names = args.models or ([args.model] if args.model else list(DEFAULT_MODELS))
+    results: dict[str, Any] = {"machine": machine_info(), "flops": [], "latency": []}
+    for name in names:
+        loaded = load_model(name, parse_dtype(args.dtype), args.seed, weights=args.latency)
+        adapter = loaded.adapter(loaded.vision)
+        image_size = parse_image_size(args.image_size) if args.image_size else loaded.image_size
+        config = ipcv_config(args, loaded.adapter)
+        report = {"model": name, **flops_report(adapter, image_size, config)}
+        results["flops"].append(report)
+        if args.latency:
+            results["latency"].append(
+                torch_latency(loaded, config, image_size, args.batch, args.runs, seed=args.seed)
+            )
+    kind = "_".join(k for k in ("flops", "latency") if getattr(args, k))
+    out = args.out or Path("engines") / "bench" / f"{kind}.json"
+    write_json(out, results)
+    if args.json:
+        print_json(results)
+        return 0
+    for report in results["flops"]:
+        h, w = report["image_size"]
+        cfg = report["ipcv"]
+        print(
+            f"\nFLOPs per image: {report['model']} at {h}x{w} ({report['tokens_per_image']} -> "
+            f"{report['kept_per_image']} tokens, K={cfg['prune_layer']}, AS={cfg['as_layers']})"
+        )
+        print(format_table(FLOPS_HEADERS, flops_table(report)))
+    if results["latency"]:
+        m = results["machine"]
+        print(
+            f"\nPyTorch eager latency, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}"
+        )
+        rows = [
+            [
+                r["model"],
+                f"{r['image_size'][0]}x{r['image_size'][1]}",
+                r["batch"],
+                f"{r['latency_ms']['dense']:.0f}",
+                f"{r['latency_ms']['ipcv']:.0f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['flop_ratio']:.2f}x",
+                f"{r['speedup_share_of_flop_ratio'] * 100:.0f}%",
+                f"{r['parity_dense_vs_ipcv']['cosine']:.4f}",
+            ]
+            for r in results["latency"]
+        ]
+        headers = [
+            "model",
+            "image",
+            "batch",
+            "dense ms",
+            "IPCV ms",
+            "speed-up",
+            "FLOP ratio",
+            "of FLOP ratio",
+            "cos vs dense",
+        ]
+        print(format_table(headers, rows))
+        print(
+            f"(median of {args.runs} runs; goal: speed-up >= {SPEEDUP_GOAL:.0%} of the FLOP ratio)"
+        )
+    print(f"\nwrote {out}")
+    return 0

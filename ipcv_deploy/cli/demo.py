@@ -1,0 +1,123 @@
+"""Compress a vision encoder with IPCV and show dense vs IPCV agreement, FLOPs and time.
+
+Runs on the built-in tiny Qwen2-VL by default (seeded random weights, no download); pass
+--model with another preset or a local checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ipcv_deploy.api import apply_ipcv, remove_ipcv
+from ipcv_deploy.bench.flops import flops_report
+from ipcv_deploy.bench.parity import compare
+from ipcv_deploy.bench.report import format_table, machine_info, median_seconds, progress
+from ipcv_deploy.cli.options import (
+    add_ipcv_args,
+    add_model_args,
+    add_output_args,
+    ipcv_config,
+    parse_image_size,
+    print_json,
+)
+from ipcv_deploy.models import load_model, parse_dtype
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``demo``."""
+    add_model_args(parser)
+    add_ipcv_args(parser)
+    parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per variant (median)")
+    add_output_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build or load the model, run dense and IPCV on the same inputs, report."""
+    started = time.perf_counter()
+    progress(f"loading {args.model} ...")
+    loaded = load_model(args.model, parse_dtype(args.dtype), args.seed)
+    adapter = loaded.adapter(loaded.vision)
+    image_size = parse_image_size(args.image_size) if args.image_size else loaded.image_size
+    adapter.check_image_size(image_size)
+    config = ipcv_config(args, loaded.adapter)
+    config.check_depth(adapter.depth)
+    inputs, kwargs = adapter.example_inputs(
+        image_size, args.batch, torch.Generator().manual_seed(args.seed)
+    )
+    vision = loaded.vision
+    remove_ipcv(vision)
+    latency, features = {}, {}
+    with torch.inference_mode():
+        for variant in ("dense", "ipcv"):
+            if variant == "ipcv":
+                apply_ipcv(vision, config)
+            progress(f"running {variant} x{args.runs} ...")
+            latency[variant], _ = median_seconds(lambda: vision(*inputs, **kwargs), args.runs)
+            features[variant] = adapter.features(vision(*inputs, **kwargs))
+    flops = flops_report(adapter, image_size, config)
+    agreement = compare(features["dense"], features["ipcv"])
+    result = {
+        "model": loaded.name,
+        "family": loaded.adapter.family,
+        "dtype": args.dtype,
+        "image_size": list(image_size),
+        "batch": args.batch,
+        "ipcv": config.to_dict(),
+        "tokens_per_image": flops["tokens_per_image"],
+        "kept_per_image": flops["kept_per_image"],
+        "agreement": agreement.to_dict(),
+        "flops_per_image": {
+            "dense": flops["flops"]["dense"]["total"],
+            "ipcv": flops["flops"]["ipcv"]["total"],
+            "ipcv_share_of_dense": flops["share_of_dense"]["ipcv"]["total"],
+        },
+        "latency_ms": {k: v * 1e3 for k, v in latency.items()},
+        "speedup": latency["dense"] / latency["ipcv"],
+        "elapsed_s": time.perf_counter() - started,
+        "machine": machine_info(),
+    }
+    if args.json:
+        print_json(result)
+        return 0
+    _print(result, args.runs)
+    return 0
+
+
+def _print(r: dict, runs: int) -> None:
+    cfg = r["ipcv"]
+    h, w = r["image_size"]
+    print(f"IPCV demo: {r['model']} ({r['family']}), {h}x{w}, batch {r['batch']}, {r['dtype']}")
+    print(
+        f"IPCV: K={cfg['prune_layer']}, keep {cfg['keep_ratio']:.0%} "
+        f"({r['tokens_per_image']} -> {r['kept_per_image']} tokens per image), "
+        f"AS={cfg['as_layers']} blocks, k={cfg['num_neighbors']}, {cfg['selection']} selection"
+    )
+    f, lat = r["flops_per_image"], r["latency_ms"]
+    rows = [
+        [
+            "GFLOPs per image",
+            f"{f['dense'] / 1e9:.3f}",
+            f"{f['ipcv'] / 1e9:.3f}",
+            f"{1 / f['ipcv_share_of_dense']:.2f}x",
+        ],
+        [
+            f"latency, median of {runs}",
+            f"{lat['dense']:.1f} ms",
+            f"{lat['ipcv']:.1f} ms",
+            f"{r['speedup']:.2f}x",
+        ],
+    ]
+    print(format_table(["", "dense", "IPCV", "dense / IPCV"], rows))
+    a = r["agreement"]
+    print(
+        f"output vs dense: cosine {a['cosine']:.4f}, max abs err {a['max_abs']:.3g}, "
+        f"max rel err {a['max_rel']:.3g}"
+    )
+    print(
+        f"done in {r['elapsed_s']:.1f} s on {r['machine']['cpu']} "
+        f"({r['machine']['torch_threads']} threads)"
+    )

@@ -1,0 +1,85 @@
+"""The interface IPCV needs from a vision encoder family (implemented in ``models/``).
+
+Tokens travel *packed*: ``[T, D]`` with the images (frames, tiles) one after another, each a
+*segment* inside which attention stays. A ``TokenSet`` says which tokens a block runs on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+__all__ = ["EncodedInput", "EncoderAdapter", "TokenSet"]
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """The tokens a block sees.
+
+    Attributes:
+        lengths: tokens per segment, in order; attention never crosses a segment.
+        index: [T'] original packed indices of these tokens (ascending), or ``None`` for all.
+    """
+
+    lengths: tuple[int, ...]
+    index: torch.Tensor | None = None
+
+    @property
+    def total(self) -> int:
+        """Number of tokens in the set."""
+        return sum(self.lengths)
+
+
+@dataclass
+class EncodedInput:
+    """The encoder input after patch embedding.
+
+    Attributes:
+        tokens: [T, D] packed hidden states entering block 0.
+        segments: tokens per image / frame / tile.
+        context: family state the blocks and the head need (positions, grid, batch shape).
+    """
+
+    tokens: torch.Tensor
+    segments: tuple[int, ...]
+    context: Any
+
+
+class EncoderAdapter(Protocol):
+    """A vision encoder as IPCV sees it; bound to one model instance."""
+
+    #: Leading tokens of every segment that are always kept (1 for a CLS token, else 0).
+    num_prefix_tokens: int
+    #: In ``global`` mode, whether the reference takes one top-k over the whole call (True)
+    #: or still selects per segment and only pools neighbours over the call (False).
+    global_topk_spans_call: bool
+
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks."""
+        ...
+
+    def embed(self, *args: Any, **kwargs: Any) -> EncodedInput:
+        """Patch-embed the inputs of the dense ``forward`` (same arguments)."""
+        ...
+
+    def block(
+        self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
+    ) -> torch.Tensor:
+        """Run block ``index`` on ``x`` [tokens.total, D], attention within segments."""
+        ...
+
+    def stabilized_block(
+        self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
+    ) -> torch.Tensor:
+        """AS block: kept-row queries over all rows of ``full`` [T, D].
+
+        Returns the kept rows [kept.total, D] after attention, residual and MLP.
+        """
+        ...
+
+    def head(self, full: torch.Tensor, enc: EncodedInput) -> Any:
+        """Final norm / merger on the restored [T, D] tokens; returns what ``forward`` returns."""
+        ...

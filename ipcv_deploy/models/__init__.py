@@ -1,0 +1,42 @@
+"""One adapter per vision-encoder family, registered by Hugging Face ``model_type``.
+
+Also built-in presets and checkpoint loading: the only code that knows transformers classes.
+
+Families: Qwen2-VL (``qwen2_vl``), InternVL3 (``internvl``).
+"""
+
+from ipcv_deploy.models.base import (
+    FamilyAdapter,
+    ImageSize,
+    adapter_for_module,
+    get_adapter,
+    register_adapter,
+    supported_model_types,
+)
+from ipcv_deploy.models.internvl import InternVLAdapter
+from ipcv_deploy.models.presets import (
+    DTYPES,
+    PRESETS,
+    LoadedModel,
+    ModelPreset,
+    load_model,
+    parse_dtype,
+)
+from ipcv_deploy.models.qwen2_vl import Qwen2VLAdapter
+
+__all__ = [
+    "DTYPES",
+    "PRESETS",
+    "FamilyAdapter",
+    "ImageSize",
+    "InternVLAdapter",
+    "LoadedModel",
+    "ModelPreset",
+    "Qwen2VLAdapter",
+    "adapter_for_module",
+    "get_adapter",
+    "load_model",
+    "parse_dtype",
+    "register_adapter",
+    "supported_model_types",
+]

@@ -1,0 +1,207 @@
+"""Base class of the per-family adapters and the registry that finds them."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ipcv_deploy.compression import EncodedInput, TokenSet
+from ipcv_deploy.compression.cost import EncoderShape
+from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import ConfigError, InputError, UnsupportedModelError
+
+__all__ = [
+    "ADAPTERS",
+    "FamilyAdapter",
+    "ImageSize",
+    "adapter_for_module",
+    "get_adapter",
+    "register_adapter",
+    "supported_model_types",
+]
+
+ImageSize = tuple[int, int]
+ADAPTERS: dict[str, type[FamilyAdapter]] = {}
+
+
+class FamilyAdapter:
+    """One vision-encoder family.
+
+    Class-level facts serve the registry; an instance, bound to one vision tower, implements
+    ``compression.EncoderAdapter``.
+    """
+
+    #: Display name, e.g. "Qwen2-VL".
+    family: ClassVar[str]
+    #: Hugging Face ``model_type`` values this adapter serves (full model and vision config).
+    model_types: ClassVar[tuple[str, ...]]
+    #: Class names of the transformers vision towers this adapter wraps.
+    vision_class_names: ClassVar[tuple[str, ...]]
+    num_prefix_tokens: ClassVar[int] = 0
+    global_topk_spans_call: ClassVar[bool] = False
+
+    def __init__(self, vision: nn.Module) -> None:
+        """Bind the adapter to a vision tower of this family."""
+        self.vision = vision
+
+    # --- registry-level facts -------------------------------------------------------------
+    @classmethod
+    def reference_ipcv(cls) -> IPCVConfig:
+        """The paper's IPCV settings for this family."""
+        raise NotImplementedError
+
+    @classmethod
+    def full_model_class(cls) -> type[nn.Module]:
+        """The transformers class of the whole multimodal model (used to load checkpoints)."""
+        raise NotImplementedError
+
+    @classmethod
+    def vision_tower(cls, model: nn.Module) -> nn.Module:
+        """The vision tower inside a full model of this family."""
+        raise NotImplementedError
+
+    # --- bound to a vision tower ---------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks."""
+        raise NotImplementedError
+
+    def check_image_size(self, image_size: ImageSize) -> None:
+        """Raise ``InputError`` if the encoder cannot take images of ``image_size`` (H, W)."""
+        raise NotImplementedError
+
+    def example_inputs(
+        self, image_size: ImageSize, batch: int, generator: torch.Generator
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Seeded random inputs of ``forward`` for ``batch`` images of ``image_size``."""
+        raise NotImplementedError
+
+    def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
+        """The encoder's FLOP-relevant shape at ``image_size``."""
+        raise NotImplementedError
+
+    def features(self, output: Any) -> torch.Tensor:
+        """The tensor of the tower's output that the LLM side consumes."""
+        raise NotImplementedError
+
+    def embed(self, *args: Any, **kwargs: Any) -> EncodedInput:
+        """Patch-embed the dense ``forward``'s inputs."""
+        raise NotImplementedError
+
+    def block(
+        self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
+    ) -> torch.Tensor:
+        """Run block ``index`` on the tokens of ``tokens``."""
+        raise NotImplementedError
+
+    def stabilized_block(
+        self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
+    ) -> torch.Tensor:
+        """AS block with queries for the kept rows only, keys/values over all rows."""
+        raise NotImplementedError
+
+    def head(self, full: torch.Tensor, enc: EncodedInput) -> Any:
+        """Final norm / merger; returns the dense ``forward``'s output type."""
+        raise NotImplementedError
+
+    # --- shared helpers -------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype of the tower."""
+        return next(self.vision.parameters()).dtype
+
+    def _random(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).to(self.dtype)
+
+
+def reject_layer_outputs(kwargs: dict[str, Any], depth: int) -> None:
+    """Refuse requests for per-layer hidden states or attentions, which IPCV cannot give.
+
+    ``output_hidden_states`` naming only the last block (-1, as InternVL's
+    ``get_image_features`` passes it) is accepted: ``last_hidden_state`` serves it.
+    """
+    wanted = kwargs.get("output_hidden_states")
+    if wanted not in (None, False, -1, depth, [-1]):
+        raise ConfigError(
+            f"output_hidden_states={wanted!r} asks for per-block hidden states, which an "
+            "IPCV-compressed encoder does not have (pruned tokens are rebuilt only at the end); "
+            "use last_hidden_state / the merger output, or remove_ipcv() to inspect blocks"
+        )
+    if kwargs.get("output_attentions"):
+        raise ConfigError(
+            "output_attentions is not available from an IPCV-compressed encoder; "
+            "use remove_ipcv() to get dense attention maps"
+        )
+
+
+def check_multiple(image_size: ImageSize, multiple: int, family: str) -> None:
+    """Raise ``InputError`` unless both sides are positive multiples of ``multiple``."""
+    height, width = image_size
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise InputError(
+            f"image size {height}x{width} does not fit {family}: both sides must be positive "
+            f"multiples of patch x merge = {multiple}; use e.g. {multiple * 16}x{multiple * 16}"
+        )
+
+
+def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Class decorator: make ``cls`` findable by each of its ``model_types``.
+
+    Raises:
+        ValueError: if a model type is already registered.
+    """
+    for model_type in cls.model_types:
+        if model_type in ADAPTERS:
+            raise ValueError(
+                f"model_type {model_type!r} is already served by {ADAPTERS[model_type]}"
+            )
+        ADAPTERS[model_type] = cls
+    return cls
+
+
+def _families() -> str:
+    seen = dict.fromkeys(f"{a.family} ({', '.join(a.model_types)})" for a in ADAPTERS.values())
+    return "; ".join(seen)
+
+
+def supported_model_types() -> list[str]:
+    """Every registered Hugging Face ``model_type``."""
+    return sorted(ADAPTERS)
+
+
+def get_adapter(model_type: str) -> type[FamilyAdapter]:
+    """The adapter class serving ``model_type``.
+
+    Raises:
+        UnsupportedModelError: listing the supported families.
+    """
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported: {_families()}"
+        ) from None
+
+
+def adapter_for_module(module: nn.Module) -> tuple[type[FamilyAdapter], nn.Module]:
+    """Find the adapter for a vision tower or a full multimodal model.
+
+    Returns:
+        The adapter class and the vision tower (``module`` itself, or the tower inside it).
+
+    Raises:
+        UnsupportedModelError: if no registered family serves ``module``.
+    """
+    name = type(module).__name__
+    for adapter in dict.fromkeys(ADAPTERS.values()):
+        if name in adapter.vision_class_names:
+            return adapter, module
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    if model_type in ADAPTERS:
+        adapter = ADAPTERS[model_type]
+        return adapter, adapter.vision_tower(module)
+    raise UnsupportedModelError(
+        f"{name} is not a supported vision tower or multimodal model; supported: {_families()}"
+    )

@@ -1,0 +1,188 @@
+"""InternVL3 vision tower (transformers' ``InternVLVisionModel``, InternViT).
+
+One 448x448 tile per batch row with a CLS token, absolute position embeddings, layer scale;
+the pixel-shuffle projector runs outside the tower, on the restored tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import InternVLConfig, InternVLForConditionalGeneration
+from transformers.models.internvl.modeling_internvl import InternVLVisionModelOutputWithPooling
+
+from ipcv_deploy.compression import EncodedInput, TokenSet, segment_attention
+from ipcv_deploy.compression.cost import EncoderShape
+from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import InputError
+from ipcv_deploy.models.base import FamilyAdapter, ImageSize, register_adapter, reject_layer_outputs
+
+__all__ = ["InternVLAdapter"]
+
+
+@dataclass
+class _Tiles:
+    count: int  # B tiles
+    tokens: int  # N = 1 + patches per tile
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (value, value)
+
+
+@register_adapter
+class InternVLAdapter(FamilyAdapter):
+    """InternVL3: per-tile selection with CLS always kept.
+
+    ``global`` pools neighbours over every tile of the call, as the reference does.
+    """
+
+    family = "InternVL3"
+    model_types = ("internvl",)
+    vision_class_names = ("InternVLVisionModel",)
+    num_prefix_tokens = 1
+    global_topk_spans_call = False
+
+    @classmethod
+    def reference_ipcv(cls) -> IPCVConfig:
+        """K=7, keep 35%, AS=3, k=10 (IPCV paper, InternVL3-8B)."""
+        return IPCVConfig(prune_layer=7, keep_ratio=0.35, as_layers=3, num_neighbors=10)
+
+    @classmethod
+    def full_model_class(cls) -> type[nn.Module]:
+        """``InternVLForConditionalGeneration``."""
+        return InternVLForConditionalGeneration
+
+    @classmethod
+    def vision_tower(cls, model: nn.Module) -> nn.Module:
+        """``model.model.vision_tower`` (or ``model.vision_tower`` on ``InternVLModel``)."""
+        inner = getattr(model, "model", model)
+        return inner.vision_tower
+
+    @property
+    def depth(self) -> int:
+        """Number of InternViT layers."""
+        return len(self.vision.encoder.layer)
+
+    def check_image_size(self, image_size: ImageSize) -> None:
+        """InternVL feeds fixed tiles of the config's ``image_size`` (448x448 when released)."""
+        tile = _pair(self.vision.config.image_size)
+        if tuple(image_size) != tile:
+            raise InputError(
+                f"image size {image_size[0]}x{image_size[1]} does not fit {self.family}: the "
+                f"encoder takes {tile[0]}x{tile[1]} tiles; pass --image-size {tile[0]}x{tile[1]} "
+                "(larger images are split into tiles by the processor)"
+            )
+
+    def example_inputs(
+        self, image_size: ImageSize, batch: int, generator: torch.Generator
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``pixel_values`` [B, 3, H, W] for ``batch`` tiles."""
+        self.check_image_size(image_size)
+        channels = self.vision.config.num_channels
+        return (self._random((batch, channels, *image_size), generator),), {}
+
+    def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
+        """Blocks and patch embedding at ``image_size`` (CLS token included)."""
+        self.check_image_size(image_size)
+        cfg = self.vision.config
+        ph, pw = _pair(cfg.patch_size)
+        patches = (image_size[0] // ph) * (image_size[1] // pw)
+        return EncoderShape(
+            depth=self.depth,
+            width=cfg.hidden_size,
+            mlp_hidden=cfg.intermediate_size,
+            mlp_matrices=2,
+            tokens=patches + 1,
+            num_prefix=1,
+            embed_flops=2 * patches * cfg.num_channels * ph * pw * cfg.hidden_size,
+            head_flops=0,
+        )
+
+    def features(self, output: InternVLVisionModelOutputWithPooling) -> torch.Tensor:
+        """``last_hidden_state`` [tiles, N, D], the projector's input."""
+        return output.last_hidden_state
+
+    def embed(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> EncodedInput:
+        """Patch + position embeddings with CLS; one segment per tile."""
+        reject_layer_outputs(kwargs, self.depth)
+        if pixel_values.ndim != 4:
+            raise InputError(
+                "pixel_values must be [tiles, channels, height, width], "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        emb = self.vision.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+        tiles, tokens, width = emb.shape
+        return EncodedInput(
+            emb.reshape(tiles * tokens, width), (tokens,) * tiles, _Tiles(tiles, tokens)
+        )
+
+    def block(
+        self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
+    ) -> torch.Tensor:
+        """``InternVLVisionLayer`` on [tiles, n, D]: every tile holds the same token count."""
+        per_tile = tokens.lengths[0]
+        assert all(n == per_tile for n in tokens.lengths), "InternVL keeps a fixed count per tile"
+        layer = self.vision.encoder.layer[index]
+        return layer(x.view(len(tokens.lengths), per_tile, -1)).reshape(x.shape)
+
+    def stabilized_block(
+        self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
+    ) -> torch.Tensor:
+        """Kept-row queries over all keys/values of each tile (spec section 3)."""
+        assert kept.index is not None
+        layer = self.vision.encoder.layer[index]
+        attn = layer.attention
+        idx, heads = kept.index, attn.num_heads
+        h = layer.layernorm_before(full)
+        q = attn.q_norm(attn.q_proj(h[idx])).view(idx.shape[0], heads, -1)
+        k = attn.k_norm(attn.k_proj(h)).view(full.shape[0], heads, -1)
+        v = attn.v_proj(h).view(full.shape[0], heads, -1)
+        out = segment_attention(q, k, v, kept.lengths, enc.segments)
+        out = attn.projection_dropout(attn.projection_layer(out.reshape(idx.shape[0], -1)))
+        x = full[idx] + layer.lambda_1 * out
+        return x + layer.lambda_2 * layer.dropout(layer.mlp(layer.layernorm_after(x)))
+
+    def head(self, full: torch.Tensor, enc: EncodedInput) -> InternVLVisionModelOutputWithPooling:
+        """Final norm on [tiles, N, D]; the projector (pixel shuffle + mlp1) follows outside."""
+        tiles: _Tiles = enc.context
+        out = self.vision.layernorm(full.view(tiles.count, tiles.tokens, -1))
+        return InternVLVisionModelOutputWithPooling(last_hidden_state=out)
+
+
+def tiny_config(depth: int = 10, image_size: int = 112) -> InternVLConfig:
+    """A few-block InternVL with a 2-layer Qwen2 LLM for tests and ``demo`` (vocab 320)."""
+    return InternVLConfig(
+        vision_config={
+            "hidden_size": 64,
+            "num_hidden_layers": depth,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "image_size": [image_size, image_size],
+            "patch_size": [14, 14],
+            "attention_bias": True,
+            "layer_scale_init_value": 1.0,
+            "initializer_range": 0.1,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": 320,
+            "hidden_size": 96,
+            "intermediate_size": 192,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        image_token_id=310,
+        image_seq_length=(image_size // 28) ** 2,
+    )

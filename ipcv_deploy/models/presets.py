@@ -1,0 +1,201 @@
+"""Built-in models (seeded random weights from configs) and loading of local checkpoints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import InternVLVisionConfig, InternVLVisionModel
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+from ipcv_deploy.errors import ArtifactError, ConfigError, UnsupportedModelError
+from ipcv_deploy.models import internvl, qwen2_vl
+from ipcv_deploy.models.base import FamilyAdapter, ImageSize, get_adapter
+
+__all__ = ["DTYPES", "PRESETS", "LoadedModel", "ModelPreset", "load_model", "parse_dtype"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A built-in model: family, default image size, and how to build it with random weights."""
+
+    name: str
+    model_type: str
+    image_size: ImageSize
+    description: str
+    build: Callable[[], nn.Module]
+    #: True when ``build`` returns the whole multimodal model (LLM included), else the tower.
+    full_model: bool
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for IPCV: its adapter class, vision tower, and the full model if any."""
+
+    name: str
+    adapter: type[FamilyAdapter]
+    vision: nn.Module
+    model: nn.Module | None
+    image_size: ImageSize
+
+
+def _full(cls_name: str, config_fn: Callable[[], object]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        adapter = get_adapter(cls_name)
+        return adapter.full_model_class()(config_fn())
+
+    return build
+
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        ModelPreset(
+            "tiny-qwen2-vl",
+            "qwen2_vl",
+            (224, 224),
+            "12-block Qwen2-VL ViT (width 64) + 2-layer LLM, for tests and demo",
+            _full("qwen2_vl", qwen2_vl.tiny_config),
+            full_model=True,
+        ),
+        ModelPreset(
+            "tiny-internvl",
+            "internvl",
+            (112, 112),
+            "10-block InternViT (width 64) + 2-layer Qwen2 LLM, for tests and demo",
+            _full("internvl", internvl.tiny_config),
+            full_model=True,
+        ),
+        ModelPreset(
+            "qwen2-vl-7b-vit",
+            "qwen2_vl",
+            (448, 448),
+            "Qwen2-VL-7B vision tower (32 blocks, width 1280, 675M params), no LLM",
+            lambda: Qwen2VisionTransformerPretrainedModel(Qwen2VLVisionConfig()),
+            full_model=False,
+        ),
+        ModelPreset(
+            "internvit-300m",
+            "internvl",
+            (448, 448),
+            "InternViT-300M of InternVL3-8B (24 layers, width 1024), no LLM",
+            lambda: InternVLVisionModel(
+                InternVLVisionConfig(attention_bias=True, layer_scale_init_value=0.1)
+            ),
+            full_model=False,
+        ),
+    )
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``float32`` / ``float16`` / ``bfloat16`` to a torch dtype.
+
+    Raises:
+        ConfigError: for any other name.
+    """
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, weights: bool = True
+) -> LoadedModel:
+    """Build a preset with seeded random weights, or load a local Hugging Face checkpoint.
+
+    Args:
+        spec: a preset name (``PRESETS``) or a checkpoint directory (``save_pretrained`` output,
+            safetensors weights).
+        dtype: parameter dtype.
+        seed: torch seed for the random weights of a preset.
+        weights: ``False`` builds the architecture on the meta device only (no memory, no
+            weights read): enough for shapes and FLOPs.
+
+    Returns:
+        The ``LoadedModel`` in eval mode.
+
+    Raises:
+        UnsupportedModelError: unknown preset, not a checkpoint, or an unsupported family.
+        ArtifactError: a checkpoint without safetensors weights, or one that fails to load.
+    """
+    if spec in PRESETS:
+        preset = PRESETS[spec]
+        adapter = get_adapter(preset.model_type)
+        torch.manual_seed(seed)
+        with torch.device("cpu" if weights else "meta"):
+            module = preset.build().to(dtype).eval()
+        vision = adapter.vision_tower(module) if preset.full_model else module
+        model = module if preset.full_model else None
+        return LoadedModel(spec, adapter, vision, model, preset.image_size)
+    path = Path(spec)
+    if not path.is_dir():
+        raise UnsupportedModelError(
+            f"unknown model {spec!r}: not a built-in preset ({', '.join(PRESETS)}) and not a "
+            "local checkpoint directory; pass a preset name or a directory holding config.json"
+        )
+    return _load_checkpoint(path, dtype, weights)
+
+
+def _load_checkpoint(path: Path, dtype: torch.dtype, weights: bool) -> LoadedModel:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UnsupportedModelError(
+            f"{path} has no config.json; pass a Hugging Face checkpoint directory "
+            "(the output of save_pretrained)"
+        )
+    try:
+        model_type = json.loads(config_file.read_text())["model_type"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ArtifactError(
+            f"{config_file} is not a valid transformers config (no model_type); "
+            "re-save the checkpoint with save_pretrained"
+        ) from err
+    if model_type == "internvl_chat":
+        raise UnsupportedModelError(
+            f"{path} is an original InternVL checkpoint (model_type 'internvl_chat', remote "
+            "code); use its transformers conversion, e.g. OpenGVLab/InternVL3-8B-hf"
+        )
+    adapter = get_adapter(model_type)
+    model_class = adapter.full_model_class()
+    if not weights:
+        with torch.device("meta"):
+            model = model_class(model_class.config_class.from_pretrained(path))
+        return _loaded(path, adapter, model)
+    if not any(path.glob("*.safetensors")):
+        found = ", ".join(
+            sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth"})
+        )
+        raise ArtifactError(
+            f"{path} has no .safetensors weights (found: {found or 'none'}); IPCV loads "
+            "safetensors only: load it once in transformers and save_pretrained() it again"
+        )
+    try:
+        model = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ArtifactError(f"could not load checkpoint {path}: {err}".splitlines()[0]) from err
+    return _loaded(path, adapter, model)
+
+
+def _loaded(path: Path, adapter: type[FamilyAdapter], model: nn.Module) -> LoadedModel:
+    vision = adapter.vision_tower(model)
+    return LoadedModel(str(path), adapter, vision, model.eval(), _default_image_size(vision))
+
+
+def _default_image_size(vision: nn.Module) -> ImageSize:
+    size = getattr(vision.config, "image_size", None)
+    if isinstance(size, (list, tuple)):
+        return int(size[0]), int(size[1])
+    return 448, 448

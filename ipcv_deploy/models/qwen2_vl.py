@@ -1,0 +1,223 @@
+"""Qwen2-VL vision tower (``Qwen2VisionTransformerPretrainedModel``).
+
+Packed patches with 2-D RoPE, one attention segment per image / frame, 2x2 PatchMerger after
+the last block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+
+from ipcv_deploy.compression import EncodedInput, TokenSet, segment_attention
+from ipcv_deploy.compression.cost import EncoderShape
+from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import InputError
+from ipcv_deploy.models.base import (
+    FamilyAdapter,
+    ImageSize,
+    check_multiple,
+    register_adapter,
+    reject_layer_outputs,
+)
+
+__all__ = ["Qwen2VLAdapter"]
+
+
+@dataclass
+class _Rope:
+    cos: torch.Tensor  # [T, head_dim]
+    sin: torch.Tensor
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """2-D vision RoPE on [T, H, d], in fp32 like transformers' ``apply_rotary_pos_emb_vision``."""
+    xf = x.float()
+    cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+@register_adapter
+class Qwen2VLAdapter(FamilyAdapter):
+    """Qwen2-VL: the reference takes one top-k over every patch of the call in ``global`` mode."""
+
+    family = "Qwen2-VL"
+    model_types = ("qwen2_vl",)
+    vision_class_names = ("Qwen2VisionTransformerPretrainedModel",)
+    num_prefix_tokens = 0
+    global_topk_spans_call = True
+
+    @classmethod
+    def reference_ipcv(cls) -> IPCVConfig:
+        """K=3, keep 35%, AS=7, k=10 (IPCV paper, Qwen2-VL-7B)."""
+        return IPCVConfig(prune_layer=3, keep_ratio=0.35, as_layers=7, num_neighbors=10)
+
+    @classmethod
+    def full_model_class(cls) -> type[nn.Module]:
+        """``Qwen2VLForConditionalGeneration``."""
+        return Qwen2VLForConditionalGeneration
+
+    @classmethod
+    def vision_tower(cls, model: nn.Module) -> nn.Module:
+        """``model.model.visual`` (or ``model.visual`` on the bare ``Qwen2VLModel``)."""
+        inner = getattr(model, "model", model)
+        return inner.visual
+
+    @property
+    def depth(self) -> int:
+        """Number of vision blocks."""
+        return len(self.vision.blocks)
+
+    @property
+    def _patch(self) -> int:
+        return int(self.vision.config.patch_size)
+
+    def check_image_size(self, image_size: ImageSize) -> None:
+        """Both sides must be multiples of patch x spatial merge (28 for the released models)."""
+        check_multiple(image_size, self._patch * self.vision.spatial_merge_size, self.family)
+
+    def example_inputs(
+        self, image_size: ImageSize, batch: int, generator: torch.Generator
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Flattened patches ``[B*h*w, C*t*p*p]`` and ``grid_thw`` [B, 3] as the processor gives."""
+        self.check_image_size(image_size)
+        cfg = self.vision.config
+        h, w = image_size[0] // self._patch, image_size[1] // self._patch
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * self._patch**2
+        pixels = self._random((batch * h * w, patch_dim), generator)
+        grid = torch.tensor([[1, h, w]] * batch, dtype=torch.long)
+        return (pixels,), {"grid_thw": grid}
+
+    def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
+        """Blocks, patch embedding and the 2x2 merger at ``image_size``."""
+        self.check_image_size(image_size)
+        cfg = self.vision.config
+        tokens = (image_size[0] // self._patch) * (image_size[1] // self._patch)
+        d = cfg.embed_dim
+        merged = d * cfg.spatial_merge_size**2
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * self._patch**2
+        groups = tokens // cfg.spatial_merge_size**2
+        return EncoderShape(
+            depth=self.depth,
+            width=d,
+            mlp_hidden=int(d * cfg.mlp_ratio),
+            mlp_matrices=2,
+            tokens=tokens,
+            num_prefix=0,
+            embed_flops=2 * tokens * patch_dim * d,
+            head_flops=2 * groups * merged * (merged + cfg.hidden_size),
+        )
+
+    def features(self, output: BaseModelOutputWithPooling) -> torch.Tensor:
+        """The merger output [tokens / 4, hidden_size] that replaces the image placeholders."""
+        return output.pooler_output
+
+    def embed(
+        self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any
+    ) -> EncodedInput:
+        """Patch embedding, 2-D RoPE tables and one segment per image / frame."""
+        reject_layer_outputs(kwargs, self.depth)
+        if grid_thw.ndim != 2 or grid_thw.shape[-1] != 3:
+            raise InputError(
+                f"grid_thw must be [num_images, 3] (t, h, w), got {tuple(grid_thw.shape)}"
+            )
+        expected = int(grid_thw.prod(-1).sum())
+        if hidden_states.ndim != 2 or hidden_states.shape[0] != expected:
+            raise InputError(
+                f"pixel patches {tuple(hidden_states.shape)} do not match grid_thw "
+                f"{grid_thw.tolist()} (expected {expected} rows); pass the processor's "
+                "pixel_values together with its image_grid_thw"
+            )
+        vision = self.vision
+        position_ids = get_vision_position_ids(grid_thw, vision.spatial_merge_size, kwargs=kwargs)
+        cu_seqlens = get_vision_cu_seqlens(grid_thw, kwargs=kwargs)
+        tokens = vision.patch_embed(hidden_states)
+        cos, sin = vision.rotary_pos_emb(tokens, position_ids)
+        segments = tuple(int(n) for n in cu_seqlens.diff().tolist())
+        return EncodedInput(tokens, segments, _Rope(cos, sin))
+
+    def block(
+        self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
+    ) -> torch.Tensor:
+        """``Qwen2VLVisionBlock`` on a token subset: RoPE of the tokens' original positions."""
+        blk = self.vision.blocks[index]
+        rope: _Rope = enc.context
+        cos, sin = rope.cos, rope.sin
+        if tokens.index is not None:
+            cos, sin = cos[tokens.index], sin[tokens.index]
+        n, heads = x.shape[0], blk.attn.num_heads
+        q, k, v = blk.attn.qkv(blk.norm1(x)).view(n, 3, heads, -1).unbind(1)
+        out = segment_attention(
+            _rotate(q, cos, sin), _rotate(k, cos, sin), v, tokens.lengths, tokens.lengths
+        )
+        x = x + blk.attn.proj(out.reshape(n, -1))
+        return x + blk.mlp(blk.norm2(x))
+
+    def stabilized_block(
+        self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
+    ) -> torch.Tensor:
+        """Kept-row queries over all keys/values of each image (spec section 3)."""
+        assert kept.index is not None
+        blk = self.vision.blocks[index]
+        rope: _Rope = enc.context
+        width, heads, idx = full.shape[-1], blk.attn.num_heads, kept.index
+        weight, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
+        h = blk.norm1(full)
+        q = F.linear(h[idx], weight[:width], bias[:width]).view(idx.shape[0], heads, -1)
+        k, v = F.linear(h, weight[width:], bias[width:]).view(full.shape[0], 2, heads, -1).unbind(1)
+        out = segment_attention(
+            _rotate(q, rope.cos[idx], rope.sin[idx]),
+            _rotate(k, rope.cos, rope.sin),
+            v,
+            kept.lengths,
+            enc.segments,
+        )
+        x = full[idx] + blk.attn.proj(out.reshape(idx.shape[0], -1))
+        return x + blk.mlp(blk.norm2(x))
+
+    def head(self, full: torch.Tensor, enc: EncodedInput) -> BaseModelOutputWithPooling:
+        """PatchMerger on the restored grid; same output object as the dense tower."""
+        return BaseModelOutputWithPooling(
+            last_hidden_state=full, pooler_output=self.vision.merger(full)
+        )
+
+
+def tiny_config(depth: int = 12) -> Qwen2VLConfig:
+    """A few-block Qwen2-VL with a 2-layer LLM for tests and ``demo`` (vocab 320)."""
+    return Qwen2VLConfig(
+        vision_config={
+            "depth": depth,
+            "embed_dim": 64,
+            "hidden_size": 96,
+            "num_heads": 4,
+            "mlp_ratio": 2,
+            "initializer_range": 0.1,
+        },
+        text_config={
+            "vocab_size": 320,
+            "hidden_size": 96,
+            "intermediate_size": 192,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 4, 4],
+            },
+        },
+        image_token_id=310,
+        video_token_id=311,
+        vision_start_token_id=312,
+        vision_end_token_id=313,
+    )

@@ -1,0 +1,25 @@
+"""The ``ipcv`` op contract: specs (``specs``) and their torch reference ops (``torch_ops``)."""
+
+from ipcv_deploy.ops.specs import (
+    DOMAIN,
+    OP_SPECS,
+    OPSET_VERSION,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    OpSpec,
+    spec_by_name,
+)
+from ipcv_deploy.ops.torch_ops import neighbor_index, neighbor_reconstruct, token_select
+
+__all__ = [
+    "DOMAIN",
+    "OPSET_VERSION",
+    "OP_SPECS",
+    "PLUGIN_NAMESPACE",
+    "PLUGIN_VERSION",
+    "OpSpec",
+    "neighbor_index",
+    "neighbor_reconstruct",
+    "spec_by_name",
+    "token_select",
+]

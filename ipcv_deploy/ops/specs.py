@@ -1,0 +1,123 @@
+"""The ``ipcv`` op contract: one frozen ``OpSpec`` per op, shared by every backend.
+
+Shapes use the notation of ``../shared/specs/ipcv.md``: ``B`` rows (images, or pools of
+images), ``N`` tokens per row, ``D`` width, ``P`` kept (attribute ``num_keep``), ``R = N - P``
+pruned, ``k`` neighbours (attribute ``num_neighbors``). Index outputs are int64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "DOMAIN",
+    "OPSET_VERSION",
+    "OP_SPECS",
+    "PLUGIN_NAMESPACE",
+    "PLUGIN_VERSION",
+    "AttrSpec",
+    "OpSpec",
+    "TensorSpec",
+    "spec_by_name",
+]
+
+DOMAIN = "ipcv"
+OPSET_VERSION = 1
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = "ipcv"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: name, element kind (``float`` = fp32/fp16/bf16, ``int64``), shape."""
+
+    name: str
+    kind: str
+    shape: tuple[str, ...]
+    doc: str
+
+
+@dataclass(frozen=True)
+class AttrSpec:
+    """An integer attribute with its smallest legal value."""
+
+    name: str
+    minimum: int
+    doc: str
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of the contract.
+
+    ``name`` is the ONNX op_type and TensorRT plugin name, ``torch_name`` the
+    ``torch.library`` op name in namespace ``ipcv``.
+    """
+
+    name: str
+    torch_name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    attributes: tuple[AttrSpec, ...]
+    doc: str
+
+
+TOKEN_SELECT = OpSpec(
+    name="TokenSelect",
+    torch_name="token_select",
+    inputs=(
+        TensorSpec("h_prev", "float", ("B", "N", "D"), "hidden states entering block K-1"),
+        TensorSpec("h_cur", "float", ("B", "N", "D"), "hidden states entering block K"),
+    ),
+    outputs=(
+        TensorSpec("keep_idx", "int64", ("B", "P"), "kept token indices, ascending"),
+        TensorSpec("drop_idx", "int64", ("B", "R"), "pruned token indices, ascending"),
+    ),
+    attributes=(
+        AttrSpec("num_keep", 1, "P, tokens kept per row (prefix tokens included)"),
+        AttrSpec("num_prefix", 0, "leading tokens of each row always kept (CLS)"),
+    ),
+    doc="fp32 score ||h_cur - h_prev||_2 per token, top-P (prefix forced), both sets sorted.",
+)
+
+NEIGHBOR_INDEX = OpSpec(
+    name="NeighborIndex",
+    torch_name="neighbor_index",
+    inputs=(
+        TensorSpec("x_keep", "float", ("B", "P", "D"), "kept tokens at block K"),
+        TensorSpec("x_drop", "float", ("B", "R", "D"), "pruned tokens at block K"),
+    ),
+    outputs=(TensorSpec("nbr", "int64", ("B", "R", "k"), "k nearest kept tokens, nearest first"),),
+    attributes=(AttrSpec("num_neighbors", 1, "k, neighbours per pruned token (k <= P)"),),
+    doc="Euclidean kNN in fp32 via |a|^2 + |b|^2 - 2ab^T, then the k smallest.",
+)
+
+NEIGHBOR_RECONSTRUCT = OpSpec(
+    name="NeighborReconstruct",
+    torch_name="neighbor_reconstruct",
+    inputs=(
+        TensorSpec("x_keep", "float", ("B", "P", "D"), "kept tokens now"),
+        TensorSpec("x0_keep", "float", ("B", "P", "D"), "kept tokens at block K"),
+        TensorSpec("x0_drop", "float", ("B", "R", "D"), "pruned tokens at block K"),
+        TensorSpec("nbr", "int64", ("B", "R", "k"), "from NeighborIndex"),
+        TensorSpec("keep_idx", "int64", ("B", "P"), "from TokenSelect"),
+        TensorSpec("drop_idx", "int64", ("B", "R"), "from TokenSelect"),
+    ),
+    outputs=(TensorSpec("full", "float", ("B", "N", "D"), "all N tokens, original order"),),
+    attributes=(),
+    doc="NGR: x0_drop + mean of the neighbours' drift (fp32), scattered back with x_keep.",
+)
+
+OP_SPECS: tuple[OpSpec, ...] = (TOKEN_SELECT, NEIGHBOR_INDEX, NEIGHBOR_RECONSTRUCT)
+
+
+def spec_by_name(name: str) -> OpSpec:
+    """Look up a spec by ONNX op_type or torch op name.
+
+    Raises:
+        KeyError: if no op of that name exists.
+    """
+    for spec in OP_SPECS:
+        if name in (spec.name, spec.torch_name):
+            return spec
+    raise KeyError(f"no ipcv op named {name!r}; ops: {', '.join(s.name for s in OP_SPECS)}")

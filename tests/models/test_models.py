@@ -1,0 +1,171 @@
+"""Registry, presets, checkpoint loading, full-model generate, and bad input per family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ipcv_deploy import (
+    ArtifactError,
+    ConfigError,
+    InputError,
+    IPCVConfig,
+    UnsupportedModelError,
+    apply_ipcv,
+    remove_ipcv,
+)
+from ipcv_deploy.compression import ipcv_encode
+from ipcv_deploy.models import PRESETS, get_adapter, load_model, supported_model_types
+from tests.conftest import TINY, make_tiny
+from tests.parity import assert_close
+
+
+def test_registry_lists_both_reference_families():
+    assert supported_model_types() == ["internvl", "qwen2_vl"]
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"model_type 'llava' is not supported; supported: .*Qwen2-VL.*InternVL3",
+    ):
+        get_adapter("llava")
+
+
+def test_apply_ipcv_refuses_unknown_modules():
+    with pytest.raises(UnsupportedModelError, match="Linear is not a supported vision tower"):
+        apply_ipcv(torch.nn.Linear(2, 2), IPCVConfig())
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_prune_layer_must_fit_depth(name):
+    tiny = make_tiny(name)
+    depth = tiny.adapter.depth
+    with pytest.raises(ConfigError, match=f"must be < the encoder depth {depth}, got {depth}"):
+        apply_ipcv(tiny.loaded.vision, IPCVConfig(prune_layer=depth))
+
+
+def test_wrong_image_sizes_are_refused():
+    qwen = make_tiny("tiny-qwen2-vl")
+    with pytest.raises(
+        InputError,
+        match=r"image size 450x448 does not fit Qwen2-VL.*multiples of patch x merge = 28",
+    ):
+        qwen.adapter.check_image_size((450, 448))
+    intern = make_tiny("tiny-internvl")
+    with pytest.raises(
+        InputError, match=r"image size 224x224 does not fit InternVL3.*112x112 tiles"
+    ):
+        intern.adapter.check_image_size((224, 224))
+
+
+def test_pixels_not_matching_grid_are_refused():
+    qwen = make_tiny("tiny-qwen2-vl")
+    apply_ipcv(qwen.loaded.vision)
+    with pytest.raises(
+        InputError, match=r"do not match grid_thw \[\[1, 16, 16\]\] \(expected 256 rows\)"
+    ):
+        qwen.loaded.vision(qwen.args[0][:100], grid_thw=qwen.kwargs["grid_thw"][:1])
+
+
+def test_per_block_hidden_states_are_refused():
+    qwen = make_tiny("tiny-qwen2-vl")
+    apply_ipcv(qwen.loaded.vision)
+    with pytest.raises(
+        ConfigError, match="output_hidden_states=True asks for per-block hidden states"
+    ):
+        qwen.loaded.vision(*qwen.args, **qwen.kwargs, output_hidden_states=True)
+
+
+def _prompt(name: str, tiny) -> dict:
+    """input_ids with the right number of image placeholders (token 310) for the tiny presets."""
+    if name == "tiny-qwen2-vl":
+        per_image = 256 // 4
+        ids = [1, 5] + ([312] + [310] * per_image + [313]) * 2 + [7, 8]
+        return {
+            "pixel_values": tiny.args[0],
+            "image_grid_thw": tiny.kwargs["grid_thw"],
+            "input_ids": torch.tensor([ids]),
+        }
+    per_tile = (112 // 28) ** 2
+    ids = [1, 5] + [310] * per_tile * 2 + [7, 8]
+    return {"pixel_values": tiny.args[0], "input_ids": torch.tensor([ids])}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_full_model_generate_runs_unchanged(name):
+    tiny = make_tiny(name)
+    model = tiny.loaded.model
+    inputs = _prompt(name, tiny)
+    with torch.no_grad():
+        dense = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        apply_ipcv(model, IPCVConfig(keep_ratio=1.0, prune_layer=3, as_layers=2))
+        same = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        apply_ipcv(model)  # the family's reference settings
+        compressed = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(same, dense)
+    assert compressed.shape == dense.shape
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_checkpoint_round_trip(tmp_path, name):
+    tiny = make_tiny(name)
+    tiny.loaded.model.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.adapter is tiny.loaded.adapter
+    adapter = loaded.adapter(loaded.vision)
+    config = tiny.loaded.adapter.reference_ipcv()
+    with torch.no_grad():
+        want = tiny.adapter.features(
+            ipcv_encode(tiny.adapter, config, *tiny.args, **tiny.kwargs).output
+        )
+        got = adapter.features(ipcv_encode(adapter, config, *tiny.args, **tiny.kwargs).output)
+    assert_close(got, want)
+
+
+def test_checkpoint_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    torch.save({}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(
+        ArtifactError, match=r"has no .safetensors weights \(found: pytorch_model.bin\)"
+    ):
+        load_model(str(tmp_path))
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    tiny = make_tiny("tiny-qwen2-vl")
+    tiny.loaded.model.save_pretrained(tmp_path)
+    weights = next(tmp_path.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="could not load checkpoint"):
+        load_model(str(tmp_path))
+
+
+def test_unsupported_directories_are_refused(tmp_path):
+    with pytest.raises(UnsupportedModelError, match=r"has no config\.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat"}))
+    with pytest.raises(UnsupportedModelError, match=r"InternVL3-8B-hf"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    save_file({"w": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match="model_type 'bert' is not supported"):
+        load_model(str(tmp_path))
+    with pytest.raises(UnsupportedModelError, match="not a built-in preset"):
+        load_model("no-such-model")
+
+
+def test_presets_build_on_meta_without_weights():
+    for name, preset in PRESETS.items():
+        loaded = load_model(name, weights=False)
+        assert loaded.adapter.model_types[0] == preset.model_type
+        assert next(loaded.vision.parameters()).device.type == "meta"
+
+
+def test_remove_ipcv_restores_dense():
+    tiny = make_tiny("tiny-qwen2-vl")
+    dense = tiny.dense()
+    apply_ipcv(tiny.loaded.vision)
+    remove_ipcv(tiny.loaded.vision)
+    assert not hasattr(tiny.loaded.vision, "ipcv_config")
+    assert torch.equal(tiny.dense(), dense)

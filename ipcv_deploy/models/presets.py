@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import InternVLVisionConfig, InternVLVisionModel
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
@@ -184,7 +185,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype, weights: bool) -> LoadedMod
         )
     try:
         model = model_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ArtifactError(f"could not load checkpoint {path}: {err}".splitlines()[0]) from err
     return _loaded(path, adapter, model)
 

@@ -27,7 +27,8 @@ def test_registry_lists_both_reference_families():
     assert supported_model_types() == ["internvl", "qwen2_vl"]
     with pytest.raises(
         UnsupportedModelError,
-        match=r"model_type 'llava' is not supported; supported: .*Qwen2-VL.*InternVL3",
+        match=r"model_type 'llava' is not supported; "
+        r"supported: InternVL3 \(internvl\); Qwen2-VL \(qwen2_vl\)",
     ):
         get_adapter("llava")
 

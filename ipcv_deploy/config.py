@@ -56,7 +56,7 @@ class IPCVConfig:
         if self.prune_layer < 2:
             raise ConfigError(
                 f"prune_layer (K) must be >= 2, got {self.prune_layer}; block K-1 must exist "
-                "to score tokens, e.g. K=3 for Qwen2-VL, K=7 for InternVL"
+                "to score tokens; the paper uses K=3 or K=7"
             )
         if self.as_layers < 0:
             raise ConfigError(

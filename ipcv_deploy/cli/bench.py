@@ -22,9 +22,8 @@ from ipcv_deploy.cli.options import (
     print_json,
 )
 from ipcv_deploy.errors import ConfigError
-from ipcv_deploy.models import load_model, parse_dtype
+from ipcv_deploy.models import BENCHMARK_PRESETS, load_model, parse_dtype
 
-DEFAULT_MODELS = ("qwen2-vl-7b-vit", "internvit-300m")
 SPEEDUP_GOAL = 0.85  # speed-up at least 85% of the FLOP ratio
 
 
@@ -37,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser, default=None)
     parser.set_defaults(model=None)
     parser.add_argument(
-        "--models", nargs="+", help=f"several models at once (default: {' '.join(DEFAULT_MODELS)})"
+        "--models",
+        nargs="+",
+        help=f"several models at once (default: {' '.join(BENCHMARK_PRESETS)})",
     )
     add_ipcv_args(parser)
     parser.add_argument("--batch", type=int, default=1, help="images per call (latency)")
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("pick at least one benchmark: --flops and/or --latency")
     if args.batch < 1 or args.runs < 1:
         raise ConfigError(f"--batch and --runs must be >= 1, got {args.batch} and {args.runs}")
-    names = args.models or ([args.model] if args.model else list(DEFAULT_MODELS))
+    names = args.models or ([args.model] if args.model else list(BENCHMARK_PRESETS))
     results: dict[str, Any] = {"machine": machine_info(), "flops": [], "latency": []}
     for name in names:
         loaded = load_model(name, parse_dtype(args.dtype), args.seed, weights=args.latency)

@@ -10,7 +10,7 @@ from typing import Any
 
 from ipcv_deploy.config import SELECTION_MODES, IPCVConfig
 from ipcv_deploy.errors import InputError
-from ipcv_deploy.models import DTYPES, PRESETS, FamilyAdapter, ImageSize
+from ipcv_deploy.models import DEFAULT_PRESET, DTYPES, PRESETS, FamilyAdapter, ImageSize
 
 __all__ = [
     "add_ipcv_args",
@@ -38,7 +38,7 @@ def parse_image_size(text: str) -> ImageSize:
     return (sizes[0], sizes[-1])
 
 
-def add_model_args(parser: argparse.ArgumentParser, default: str | None = "tiny-qwen2-vl") -> None:
+def add_model_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_PRESET) -> None:
     """``--model``, ``--image-size``, ``--dtype``, ``--seed``."""
     group = parser.add_argument_group("model")
     group.add_argument(

@@ -15,6 +15,8 @@ from ipcv_deploy.models.base import (
 )
 from ipcv_deploy.models.internvl import InternVLAdapter
 from ipcv_deploy.models.presets import (
+    BENCHMARK_PRESETS,
+    DEFAULT_PRESET,
     DTYPES,
     PRESETS,
     LoadedModel,
@@ -25,6 +27,8 @@ from ipcv_deploy.models.presets import (
 from ipcv_deploy.models.qwen2_vl import Qwen2VLAdapter
 
 __all__ = [
+    "BENCHMARK_PRESETS",
+    "DEFAULT_PRESET",
     "DTYPES",
     "PRESETS",
     "FamilyAdapter",

@@ -46,21 +46,23 @@ class FamilyAdapter:
         """Bind the adapter to a vision tower of this family."""
         self.vision = vision
 
-    # --- registry-level facts -------------------------------------------------------------
+    #: The paper's IPCV settings for this family.
+    reference: ClassVar[IPCVConfig]
+    #: The transformers class of the whole multimodal model (used to load checkpoints).
+    full_model_class: ClassVar[type[nn.Module]]
+    #: Attribute holding the tower in the full model's inner ``model`` (``visual``, ...).
+    tower_attribute: ClassVar[str]
+
     @classmethod
     def reference_ipcv(cls) -> IPCVConfig:
         """The paper's IPCV settings for this family."""
-        raise NotImplementedError
-
-    @classmethod
-    def full_model_class(cls) -> type[nn.Module]:
-        """The transformers class of the whole multimodal model (used to load checkpoints)."""
-        raise NotImplementedError
+        return cls.reference
 
     @classmethod
     def vision_tower(cls, model: nn.Module) -> nn.Module:
-        """The vision tower inside a full model of this family."""
-        raise NotImplementedError
+        """The vision tower inside a full model (or its inner ``model``) of this family."""
+        inner = getattr(model, "model", model)
+        return getattr(inner, cls.tower_attribute)
 
     # --- bound to a vision tower ---------------------------------------------------------
     @property

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 from transformers.models.internvl.modeling_internvl import InternVLVisionModelOutputWithPooling
 
@@ -46,21 +45,9 @@ class InternVLAdapter(FamilyAdapter):
     num_prefix_tokens = 1
     global_topk_spans_call = False
 
-    @classmethod
-    def reference_ipcv(cls) -> IPCVConfig:
-        """K=7, keep 35%, AS=3, k=10 (IPCV paper, InternVL3-8B)."""
-        return IPCVConfig(prune_layer=7, keep_ratio=0.35, as_layers=3, num_neighbors=10)
-
-    @classmethod
-    def full_model_class(cls) -> type[nn.Module]:
-        """``InternVLForConditionalGeneration``."""
-        return InternVLForConditionalGeneration
-
-    @classmethod
-    def vision_tower(cls, model: nn.Module) -> nn.Module:
-        """``model.model.vision_tower`` (or ``model.vision_tower`` on ``InternVLModel``)."""
-        inner = getattr(model, "model", model)
-        return inner.vision_tower
+    reference = IPCVConfig(prune_layer=7, keep_ratio=0.35, as_layers=3, num_neighbors=10)
+    full_model_class = InternVLForConditionalGeneration
+    tower_attribute = "vision_tower"
 
     @property
     def depth(self) -> int:

@@ -18,7 +18,16 @@ from ipcv_deploy.errors import ArtifactError, ConfigError, UnsupportedModelError
 from ipcv_deploy.models import internvl, qwen2_vl
 from ipcv_deploy.models.base import FamilyAdapter, ImageSize, get_adapter
 
-__all__ = ["DTYPES", "PRESETS", "LoadedModel", "ModelPreset", "load_model", "parse_dtype"]
+__all__ = [
+    "BENCHMARK_PRESETS",
+    "DEFAULT_PRESET",
+    "DTYPES",
+    "PRESETS",
+    "LoadedModel",
+    "ModelPreset",
+    "load_model",
+    "parse_dtype",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -54,7 +63,7 @@ class LoadedModel:
 def _full(cls_name: str, config_fn: Callable[[], object]) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         adapter = get_adapter(cls_name)
-        return adapter.full_model_class()(config_fn())
+        return adapter.full_model_class(config_fn())
 
     return build
 
@@ -98,6 +107,11 @@ PRESETS: dict[str, ModelPreset] = {
         ),
     )
 }
+
+#: What ``demo`` runs when no model is named.
+DEFAULT_PRESET = "tiny-qwen2-vl"
+#: The full-size towers ``bench`` measures when no model is named.
+BENCHMARK_PRESETS = ("qwen2-vl-7b-vit", "internvit-300m")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -170,7 +184,7 @@ def _load_checkpoint(path: Path, dtype: torch.dtype, weights: bool) -> LoadedMod
             "code); use its transformers conversion, e.g. OpenGVLab/InternVL3-8B-hf"
         )
     adapter = get_adapter(model_type)
-    model_class = adapter.full_model_class()
+    model_class = adapter.full_model_class
     if not weights:
         with torch.device("meta"):
             model = model_class(model_class.config_class.from_pretrained(path))

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
@@ -54,22 +53,9 @@ class Qwen2VLAdapter(FamilyAdapter):
     vision_class_names = ("Qwen2VisionTransformerPretrainedModel",)
     num_prefix_tokens = 0
     global_topk_spans_call = True
-
-    @classmethod
-    def reference_ipcv(cls) -> IPCVConfig:
-        """K=3, keep 35%, AS=7, k=10 (IPCV paper, Qwen2-VL-7B)."""
-        return IPCVConfig(prune_layer=3, keep_ratio=0.35, as_layers=7, num_neighbors=10)
-
-    @classmethod
-    def full_model_class(cls) -> type[nn.Module]:
-        """``Qwen2VLForConditionalGeneration``."""
-        return Qwen2VLForConditionalGeneration
-
-    @classmethod
-    def vision_tower(cls, model: nn.Module) -> nn.Module:
-        """``model.model.visual`` (or ``model.visual`` on the bare ``Qwen2VLModel``)."""
-        inner = getattr(model, "model", model)
-        return inner.visual
+    reference = IPCVConfig(prune_layer=3, keep_ratio=0.35, as_layers=7, num_neighbors=10)
+    full_model_class = Qwen2VLForConditionalGeneration
+    tower_attribute = "visual"
 
     @property
     def depth(self) -> int:

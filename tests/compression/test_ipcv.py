@@ -68,29 +68,25 @@ def test_internvl_cls_always_kept():
         assert state.kept.lengths == (1 + max(1, int((n - 1) * keep_ratio)),) * 3
 
 
-def _hidden_at_k(tiny: Tiny, config: IPCVConfig):
+def _state_at_k(tiny: Tiny, config: IPCVConfig):
     adapter = tiny.adapter
     enc = adapter.embed(*tiny.args, **tiny.kwargs)
     everything = TokenSet(enc.segments)
     x = enc.tokens
     for i in range(config.prune_layer - 1):
         x = adapter.block(i, x, enc, everything)
-    return enc, x, adapter.block(config.prune_layer - 1, x, enc, everything)
+    h_cur = adapter.block(config.prune_layer - 1, x, enc, everything)
+    state = build_prune_state(
+        x, h_cur, enc.segments, config, adapter.num_prefix_tokens, adapter.global_topk_spans_call
+    )
+    return enc, h_cur, state
 
 
 @pytest.mark.parametrize("selection", ["per_image", "global"])
 def test_ngr_exact_at_k_on_real_hidden_states(tiny, selection):
     config = _ref(tiny, selection=selection)
     with torch.no_grad():
-        enc, h_prev, h_cur = _hidden_at_k(tiny, config)
-        state = build_prune_state(
-            h_prev,
-            h_cur,
-            enc.segments,
-            config,
-            tiny.adapter.num_prefix_tokens,
-            tiny.adapter.global_topk_spans_call,
-        )
+        _, h_cur, state = _state_at_k(tiny, config)
         assert torch.equal(state.reconstruct(h_cur[state.keep_idx]), h_cur)
 
 
@@ -100,15 +96,7 @@ def test_kept_query_as_equals_full_query_as(tiny, selection):
     so that is the dense block on the reconstruction, then a gather."""
     config = _ref(tiny, selection=selection)
     with torch.no_grad():
-        enc, h_prev, h_cur = _hidden_at_k(tiny, config)
-        state = build_prune_state(
-            h_prev,
-            h_cur,
-            enc.segments,
-            config,
-            tiny.adapter.num_prefix_tokens,
-            tiny.adapter.global_topk_spans_call,
-        )
+        enc, h_cur, state = _state_at_k(tiny, config)
         drifted = h_cur[state.keep_idx] * 1.1 + 0.05  # kept tokens after some blocks
         full = state.reconstruct(drifted)
         index = config.prune_layer

@@ -1,0 +1,64 @@
+"""Architecture rules that can be checked: family names only in models/, light imports."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ipcv_deploy"
+FAMILY = re.compile(r"qwen|intern|clip|siglip|llava", re.I)
+
+
+def _code_words(path: Path) -> list[str]:
+    """Names, attributes and string constants of a module, docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    words = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            words.append(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.append(node.attr)
+        elif isinstance(node, ast.alias):
+            words.append(node.name)
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+        ):
+            words.append(node.value)
+    return words
+
+
+def test_nothing_family_specific_outside_models():
+    offenders = {
+        str(path.relative_to(PACKAGE)): hits
+        for path in PACKAGE.rglob("*.py")
+        if "models" not in path.relative_to(PACKAGE).parts
+        and (hits := sorted({w for w in _code_words(path) if FAMILY.search(w)}))
+    }
+    assert not offenders, offenders
+
+
+def test_compression_does_not_import_models_or_transformers():
+    for path in (PACKAGE / "compression").rglob("*.py"):
+        words = _code_words(path)
+        assert not any(w.startswith(("ipcv_deploy.models", "transformers")) for w in words), path
+
+
+def test_package_and_cli_help_import_without_onnx_or_tensorrt():
+    code = (
+        "import sys, ipcv_deploy, ipcv_deploy.cli; "
+        "assert not {'tensorrt', 'onnxruntime', 'onnx'} & set(sys.modules), sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -26,11 +26,6 @@ class TokenSet:
     lengths: tuple[int, ...]
     index: torch.Tensor | None = None
 
-    @property
-    def total(self) -> int:
-        """Number of tokens in the set."""
-        return sum(self.lengths)
-
 
 @dataclass
 class EncodedInput:
@@ -68,7 +63,7 @@ class EncoderAdapter(Protocol):
     def block(
         self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
     ) -> torch.Tensor:
-        """Run block ``index`` on ``x`` [tokens.total, D], attention within segments."""
+        """Run block ``index`` on ``x`` [sum(tokens.lengths), D], attention within segments."""
         ...
 
     def stabilized_block(
@@ -76,7 +71,7 @@ class EncoderAdapter(Protocol):
     ) -> torch.Tensor:
         """AS block: kept-row queries over all rows of ``full`` [T, D].
 
-        Returns the kept rows [kept.total, D] after attention, residual and MLP.
+        Returns the kept rows [sum(kept.lengths), D] after attention, residual and MLP.
         """
         ...
 

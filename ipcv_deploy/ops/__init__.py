@@ -7,7 +7,6 @@ from ipcv_deploy.ops.specs import (
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
     OpSpec,
-    spec_by_name,
 )
 from ipcv_deploy.ops.torch_ops import neighbor_index, neighbor_reconstruct, token_select
 
@@ -20,6 +19,5 @@ __all__ = [
     "OpSpec",
     "neighbor_index",
     "neighbor_reconstruct",
-    "spec_by_name",
     "token_select",
 ]

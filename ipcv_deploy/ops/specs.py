@@ -18,7 +18,6 @@ __all__ = [
     "AttrSpec",
     "OpSpec",
     "TensorSpec",
-    "spec_by_name",
 ]
 
 DOMAIN = "ipcv"
@@ -109,15 +108,3 @@ NEIGHBOR_RECONSTRUCT = OpSpec(
 )
 
 OP_SPECS: tuple[OpSpec, ...] = (TOKEN_SELECT, NEIGHBOR_INDEX, NEIGHBOR_RECONSTRUCT)
-
-
-def spec_by_name(name: str) -> OpSpec:
-    """Look up a spec by ONNX op_type or torch op name.
-
-    Raises:
-        KeyError: if no op of that name exists.
-    """
-    for spec in OP_SPECS:
-        if name in (spec.name, spec.torch_name):
-            return spec
-    raise KeyError(f"no ipcv op named {name!r}; ops: {', '.join(s.name for s in OP_SPECS)}")

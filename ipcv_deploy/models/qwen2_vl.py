@@ -33,8 +33,19 @@ __all__ = ["Qwen2VLAdapter"]
 
 @dataclass
 class _Rope:
+    """RoPE tables of all tokens, and of the kept tokens once gathered (reused every block)."""
+
     cos: torch.Tensor  # [T, head_dim]
     sin: torch.Tensor
+    _kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def of(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the tokens at ``index`` (all tokens for ``None``)."""
+        if index is None:
+            return self.cos, self.sin
+        if self._kept is None or self._kept[0] is not index:
+            self._kept = (index, self.cos[index], self.sin[index])
+        return self._kept[1], self._kept[2]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -136,9 +147,7 @@ class Qwen2VLAdapter(FamilyAdapter):
         """``Qwen2VLVisionBlock`` on a token subset: RoPE of the tokens' original positions."""
         blk = self.vision.blocks[index]
         rope: _Rope = enc.context
-        cos, sin = rope.cos, rope.sin
-        if tokens.index is not None:
-            cos, sin = cos[tokens.index], sin[tokens.index]
+        cos, sin = rope.of(tokens.index)
         n, heads = x.shape[0], blk.attn.num_heads
         q, k, v = blk.attn.qkv(blk.norm1(x)).view(n, 3, heads, -1).unbind(1)
         out = segment_attention(
@@ -160,7 +169,7 @@ class Qwen2VLAdapter(FamilyAdapter):
         q = F.linear(h[idx], weight[:width], bias[:width]).view(idx.shape[0], heads, -1)
         k, v = F.linear(h, weight[width:], bias[width:]).view(full.shape[0], 2, heads, -1).unbind(1)
         out = segment_attention(
-            _rotate(q, rope.cos[idx], rope.sin[idx]),
+            _rotate(q, *rope.of(idx)),
             _rotate(k, rope.cos, rope.sin),
             v,
             kept.lengths,

@@ -1,7 +1,15 @@
 """Token-compression algorithms in pure torch on top of ``ops/``; no family names here."""
 
 from ipcv_deploy.compression.attention import segment_attention
-from ipcv_deploy.compression.ipcv import IPCVResult, PruneState, build_prune_state, ipcv_encode
+from ipcv_deploy.compression.ipcv import (
+    IPCVResult,
+    PruneState,
+    build_prune_state,
+    dense_encode,
+    gather_tokens,
+    ipcv_encode,
+    ipcv_encode_embedded,
+)
 from ipcv_deploy.compression.protocol import EncodedInput, EncoderAdapter, TokenSet
 
 __all__ = [
@@ -11,6 +19,9 @@ __all__ = [
     "PruneState",
     "TokenSet",
     "build_prune_state",
+    "dense_encode",
+    "gather_tokens",
     "ipcv_encode",
+    "ipcv_encode_embedded",
     "segment_attention",
 ]

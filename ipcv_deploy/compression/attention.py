@@ -1,4 +1,4 @@
-"""Segment-restricted attention: rows of query segment i attend to key segment i only."""
+"""Segment-restricted attention: queries of segment i attend to keys of segment i only."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import torch.nn.functional as F
 __all__ = ["segment_attention"]
 
 
+def _heads_first(x: torch.Tensor, segment: int) -> torch.Tensor:
+    """[B, S * n, H, d] as [B * S, H, n, d] for ``segment`` = n."""
+    return x.reshape(-1, segment, x.shape[-2], x.shape[-1]).transpose(1, 2)
+
+
 def segment_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -19,37 +24,38 @@ def segment_attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention inside segments, with fused SDPA.
 
-    Equal segments run as one batched call; unequal ones run per segment. A segment with no
-    queries (an image with no kept token in ``global`` mode) is skipped.
+    Equal segments run as one batched call over rows and segments; unequal ones run per
+    segment. A segment with no queries (an image with no kept token in ``global`` mode) is
+    skipped.
 
     Args:
-        q: [Tq, H, d] queries, segments of ``q_lengths`` one after another.
-        k: [Tk, H, d] keys, segments of ``kv_lengths``.
-        v: [Tk, H, d] values.
+        q: [B, Tq, H, d] queries, each row segments of ``q_lengths`` one after another.
+        k: [B, Tk, H, d] keys, segments of ``kv_lengths``.
+        v: [B, Tk, H, d] values.
         q_lengths: query tokens per segment.
         kv_lengths: key/value tokens per segment (same number of segments).
 
     Returns:
-        [Tq, H, d] attention output, dtype of ``q``.
+        [B, Tq, H, d] attention output, dtype of ``q``.
     """
-    heads, dim = q.shape[1], q.shape[2]
     if len(set(q_lengths)) == 1 and len(set(kv_lengths)) == 1:
-        segments, nq, nk = len(q_lengths), q_lengths[0], kv_lengths[0]
-        qb = q.view(segments, nq, heads, dim).transpose(1, 2)
-        kb = k.view(segments, nk, heads, dim).transpose(1, 2)
-        vb = v.view(segments, nk, heads, dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qb, kb, vb)
-        return out.transpose(1, 2).reshape(q.shape[0], heads, dim)
+        out = F.scaled_dot_product_attention(
+            _heads_first(q, q_lengths[0]),
+            _heads_first(k, kv_lengths[0]),
+            _heads_first(v, kv_lengths[0]),
+        )
+        return out.transpose(1, 2).reshape(q.shape)
     outs = []
     for qs, ks, vs in zip(
-        q.split(list(q_lengths)), k.split(list(kv_lengths)), v.split(list(kv_lengths)), strict=True
+        q.split(list(q_lengths), dim=1),
+        k.split(list(kv_lengths), dim=1),
+        v.split(list(kv_lengths), dim=1),
+        strict=True,
     ):
-        if qs.shape[0] == 0:
+        if qs.shape[1] == 0:
             continue
         out = F.scaled_dot_product_attention(
-            qs.transpose(0, 1).unsqueeze(0),
-            ks.transpose(0, 1).unsqueeze(0),
-            vs.transpose(0, 1).unsqueeze(0),
+            qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2)
         )
-        outs.append(out.squeeze(0).transpose(0, 1))
-    return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
+        outs.append(out.transpose(1, 2))
+    return torch.cat(outs, dim=1) if outs else q.new_empty(q.shape)

@@ -2,9 +2,10 @@
 
 Select at block K, Neighbour-Guided Reconstruction (NGR), Attention Stabilization (AS), pruned
 blocks, final restore. Family-agnostic: the encoder is reached only through
-``EncoderAdapter``. Tokens are packed ``[T, D]`` in segments (images / frames / tiles); the
-``ipcv`` ops run batched over runs of equally shaped segments, so the common case (one grid
-for every image) is one op call.
+``EncoderAdapter``. Tokens travel as ``[B, T, D]`` rows that share one segment layout (images /
+frames / tiles packed along ``T``); the ``ipcv`` ops run batched over rows and runs of equally
+shaped segments, so the common case (one grid for every image) is one op call. The batch size
+is never read in Python, so the same code exports with a dynamic batch.
 """
 
 from __future__ import annotations
@@ -16,9 +17,18 @@ import torch
 
 from ipcv_deploy.compression.protocol import EncodedInput, EncoderAdapter, TokenSet
 from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.ops import neighbor_index, neighbor_reconstruct, token_select
 
-__all__ = ["IPCVResult", "PruneState", "build_prune_state", "ipcv_encode"]
+__all__ = [
+    "IPCVResult",
+    "PruneState",
+    "build_prune_state",
+    "dense_encode",
+    "gather_tokens",
+    "ipcv_encode",
+    "ipcv_encode_embedded",
+]
 
 
 @dataclass(frozen=True)
@@ -51,17 +61,34 @@ def _row_offsets(run: _Run, device: torch.device) -> torch.Tensor:
     return (run.start + torch.arange(run.rows, device=device) * run.size).unsqueeze(1)
 
 
+def _segments_of(x: torch.Tensor, run: _Run) -> torch.Tensor:
+    """The run's segments of every row of ``x`` [B, T, D] as [B * rows, size, D]."""
+    span = x[:, run.start : run.start + run.rows * run.size]
+    return span.reshape(-1, run.size, x.shape[-1])
+
+
+def _packed(local: torch.Tensor, run: _Run, batch: int) -> torch.Tensor:
+    """Per-segment indices [B * rows, n] as row-packed indices [B, rows * n]."""
+    offsets = _row_offsets(run, local.device)
+    return (local.view(batch, run.rows, local.shape[-1]) + offsets).view(batch, -1)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b]]`` for every row: [B, T, D] and [B, T'] give [B, T', D]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 @dataclass
 class _PoolRun:
     """Frozen NGR state of one run of neighbour pools (spec section 2)."""
 
     run: _Run
-    kept_start: int  # offset of this run's kept rows in the packed kept tokens
-    keep_local: torch.Tensor  # [G, P]
-    drop_local: torch.Tensor  # [G, R]
-    x0_keep: torch.Tensor  # [G, P, D]
-    x0_drop: torch.Tensor  # [G, R, D]
-    nbr: torch.Tensor  # [G, R, k]
+    kept_start: int  # offset of this run's kept tokens in a row of kept tokens
+    keep_local: torch.Tensor  # [B * G, P]
+    drop_local: torch.Tensor  # [B * G, R]
+    x0_keep: torch.Tensor  # [B * G, P, D]
+    x0_drop: torch.Tensor  # [B * G, R, D]
+    nbr: torch.Tensor  # [B * G, R, k]
 
 
 @dataclass
@@ -69,8 +96,8 @@ class PruneState:
     """What IPCV keeps from the pruning point on.
 
     Attributes:
-        keep_idx: [P_total] packed indices of kept tokens, ascending.
-        drop_idx: [R_total] packed indices of pruned tokens, ascending.
+        keep_idx: [B, P_total] row-packed indices of kept tokens, ascending.
+        drop_idx: [B, R_total] row-packed indices of pruned tokens, ascending.
         kept: the kept tokens as a ``TokenSet`` (per-segment counts, ``index = keep_idx``).
         pools: frozen NGR state per run of neighbour pools.
     """
@@ -81,22 +108,22 @@ class PruneState:
     pools: list[_PoolRun]
 
     def reconstruct(self, x_keep: torch.Tensor) -> torch.Tensor:
-        """NGR: all T tokens [T, D] in original order from the kept ones [P_total, D]."""
-        width = x_keep.shape[-1]
+        """NGR: all tokens [B, T, D] in original order from the kept ones [B, P_total, D]."""
+        batch, _, width = x_keep.shape
         parts = []
         for pool in self.pools:
             run = pool.run
-            rows = x_keep[pool.kept_start : pool.kept_start + run.rows * run.keep]
+            kept = x_keep[:, pool.kept_start : pool.kept_start + run.rows * run.keep]
             full = neighbor_reconstruct(
-                rows.view(run.rows, run.keep, width),
+                kept.reshape(-1, run.keep, width),
                 pool.x0_keep,
                 pool.x0_drop,
                 pool.nbr,
                 pool.keep_local,
                 pool.drop_local,
             )
-            parts.append(full.reshape(run.rows * run.size, width))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            parts.append(full.reshape(batch, run.rows * run.size, width))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _select(
@@ -107,12 +134,16 @@ def _select(
     num_prefix: int,
     spans_call: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """Spec section 1: packed keep/drop indices and kept tokens per segment."""
-    width = h_cur.shape[-1]
-    total = h_cur.shape[0]
+    """Spec section 1: row-packed keep/drop indices and kept tokens per segment."""
+    batch, total, _ = h_cur.shape
     one_topk = config.selection == "global" and spans_call and len(segments) > 1
     if one_topk:
         assert num_prefix == 0, "a call-wide top-k cannot force per-segment prefix tokens"
+        if batch != 1:
+            raise ConfigError(
+                "global selection over several images needs them packed in one row; "
+                "use selection='per_image' for batched rows"
+            )
         groups = [(0, total, config.kept_count(total))]
     else:
         starts = [sum(segments[:i]) for i in range(len(segments))]
@@ -121,23 +152,21 @@ def _select(
         ]
     keeps, drops = [], []
     for run in _runs(groups):
-        span = slice(run.start, run.start + run.rows * run.size)
         keep, drop = token_select(
-            h_prev[span].view(run.rows, run.size, width),
-            h_cur[span].view(run.rows, run.size, width),
+            _segments_of(h_prev, run),
+            _segments_of(h_cur, run),
             run.keep,
             0 if one_topk else num_prefix,
         )
-        offsets = _row_offsets(run, h_cur.device)
-        keeps.append((keep + offsets).reshape(-1))
-        drops.append((drop + offsets).reshape(-1))
-    keep_idx, drop_idx = torch.cat(keeps), torch.cat(drops)
+        keeps.append(_packed(keep, run, batch))
+        drops.append(_packed(drop, run, batch))
+    keep_idx, drop_idx = torch.cat(keeps, dim=1), torch.cat(drops, dim=1)
     if not one_topk:
         return keep_idx, drop_idx, tuple(keep for _, _, keep in groups)
     # Kept tokens per image: the reference counts with right=False, which puts a kept first
     # patch of image 2+ into the previous image; right=True counts it where it belongs.
     bounds = torch.tensor(segments, device=keep_idx.device).cumsum(0)
-    image_of = torch.searchsorted(bounds, keep_idx, right=True)
+    image_of = torch.searchsorted(bounds, keep_idx[0], right=True)
     counts = torch.bincount(image_of, minlength=len(segments))
     return keep_idx, drop_idx, tuple(counts.tolist())
 
@@ -153,22 +182,23 @@ def build_prune_state(
     """Select tokens at block K and freeze the NGR state.
 
     Args:
-        h_prev: [T, D] packed hidden states entering block K-1.
-        h_cur: [T, D] packed hidden states entering block K.
-        segments: tokens per image / frame / tile.
+        h_prev: [B, T, D] hidden states entering block K-1.
+        h_cur: [B, T, D] hidden states entering block K.
+        segments: tokens per image / frame / tile within a row (the same for every row).
         config: IPCV settings.
         num_prefix: leading tokens of each segment always kept (CLS).
-        spans_call: whether ``global`` mode takes one top-k over all segments.
+        spans_call: whether ``global`` mode takes one top-k over all segments of a row.
 
     Returns:
-        The ``PruneState``; ``state.reconstruct(h_cur[state.keep_idx])`` equals ``h_cur``.
+        The ``PruneState``; ``state.reconstruct(gather_tokens(h_cur, state.keep_idx))``
+        equals ``h_cur``.
     """
     keep_idx, drop_idx, kept_lengths = _select(
         h_prev, h_cur, segments, config, num_prefix, spans_call
     )
-    total, width = h_cur.shape
+    batch, total, _ = h_cur.shape
     if config.selection == "global":
-        pool_groups = [(0, total, keep_idx.shape[0])]
+        pool_groups = [(0, total, keep_idx.shape[1])]
     else:
         starts = [sum(segments[:i]) for i in range(len(segments))]
         pool_groups = list(zip(starts, segments, kept_lengths, strict=True))
@@ -176,17 +206,24 @@ def build_prune_state(
     kept_start = drop_start = 0
     for run in _runs(pool_groups):
         dropped = run.size - run.keep
-        keep = keep_idx[kept_start : kept_start + run.rows * run.keep].view(run.rows, run.keep)
-        drop = drop_idx[drop_start : drop_start + run.rows * dropped].view(run.rows, dropped)
-        x0_keep = h_cur[keep.reshape(-1)].view(run.rows, run.keep, width)
-        x0_drop = h_cur[drop.reshape(-1)].view(run.rows, dropped, width)
         offsets = _row_offsets(run, h_cur.device)
+        keep = keep_idx[:, kept_start : kept_start + run.rows * run.keep]
+        drop = drop_idx[:, drop_start : drop_start + run.rows * dropped]
+        keep_local = (keep.reshape(batch, run.rows, run.keep) - offsets).view(
+            batch * run.rows, run.keep
+        )
+        drop_local = (drop.reshape(batch, run.rows, dropped) - offsets).view(
+            batch * run.rows, dropped
+        )
+        segs = _segments_of(h_cur, run)
+        x0_keep = gather_tokens(segs, keep_local)
+        x0_drop = gather_tokens(segs, drop_local)
         pools.append(
             _PoolRun(
                 run=run,
                 kept_start=kept_start,
-                keep_local=keep - offsets,
-                drop_local=drop - offsets,
+                keep_local=keep_local,
+                drop_local=drop_local,
                 x0_keep=x0_keep,
                 x0_drop=x0_drop,
                 nbr=neighbor_index(x0_keep, x0_drop, min(config.num_neighbors, run.keep)),
@@ -208,7 +245,7 @@ class IPCVResult:
 def ipcv_encode(
     adapter: EncoderAdapter, config: IPCVConfig, *args: Any, **kwargs: Any
 ) -> IPCVResult:
-    """Run a vision encoder with IPCV (spec section 5).
+    """Run a vision encoder with IPCV (spec section 5) on the dense ``forward``'s inputs.
 
     Args:
         adapter: the encoder, bound to its model.
@@ -219,8 +256,14 @@ def ipcv_encode(
     Returns:
         ``IPCVResult`` whose ``output`` has the dense output's type and shapes.
     """
+    return ipcv_encode_embedded(adapter, config, adapter.embed(*args, **kwargs))
+
+
+def ipcv_encode_embedded(
+    adapter: EncoderAdapter, config: IPCVConfig, enc: EncodedInput
+) -> IPCVResult:
+    """IPCV from the patch embeddings on: blocks, select at K, NGR, AS, pruned blocks, head."""
     config.check_depth(adapter.depth)
-    enc: EncodedInput = adapter.embed(*args, **kwargs)
     everything = TokenSet(enc.segments)
     x = enc.tokens
     for index in range(config.prune_layer - 1):
@@ -235,10 +278,19 @@ def ipcv_encode(
         num_prefix=adapter.num_prefix_tokens,
         spans_call=adapter.global_topk_spans_call,
     )
-    x = x[state.keep_idx]
+    x = gather_tokens(x, state.keep_idx)
     for index in range(config.prune_layer, adapter.depth):
         if index < config.as_end:
             x = adapter.stabilized_block(index, state.reconstruct(x), enc, state.kept)
         else:
             x = adapter.block(index, x, enc, state.kept)
     return IPCVResult(adapter.head(state.reconstruct(x), enc), state)
+
+
+def dense_encode(adapter: EncoderAdapter, enc: EncodedInput) -> Any:
+    """The encoder without IPCV, through the same adapter (the dense export's graph)."""
+    everything = TokenSet(enc.segments)
+    x = enc.tokens
+    for index in range(adapter.depth):
+        x = adapter.block(index, x, enc, everything)
+    return adapter.head(x, enc)

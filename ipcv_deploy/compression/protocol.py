@@ -1,7 +1,8 @@
 """The interface IPCV needs from a vision encoder family (implemented in ``models/``).
 
-Tokens travel *packed*: ``[T, D]`` with the images (frames, tiles) one after another, each a
-*segment* inside which attention stays. A ``TokenSet`` says which tokens a block runs on.
+Tokens travel as rows ``[B, T, D]``: inside a row the images (frames, tiles) are packed one
+after another, each a *segment* inside which attention stays; every row has the same segment
+layout. A ``TokenSet`` says which tokens a block runs on.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ class TokenSet:
     """The tokens a block sees.
 
     Attributes:
-        lengths: tokens per segment, in order; attention never crosses a segment.
-        index: [T'] original packed indices of these tokens (ascending), or ``None`` for all.
+        lengths: tokens per segment of a row, in order; attention never crosses a segment.
+        index: [B, T'] original in-row indices of these tokens (ascending), ``None`` for all.
     """
 
     lengths: tuple[int, ...]
@@ -32,8 +33,8 @@ class EncodedInput:
     """The encoder input after patch embedding.
 
     Attributes:
-        tokens: [T, D] packed hidden states entering block 0.
-        segments: tokens per image / frame / tile.
+        tokens: [B, T, D] hidden states entering block 0.
+        segments: tokens per image / frame / tile of one row.
         context: family state the blocks and the head need (positions, grid, batch shape).
     """
 
@@ -63,18 +64,21 @@ class EncoderAdapter(Protocol):
     def block(
         self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
     ) -> torch.Tensor:
-        """Run block ``index`` on ``x`` [sum(tokens.lengths), D], attention within segments."""
+        """Run block ``index`` on ``x`` [B, sum(tokens.lengths), D], attention within segments."""
         ...
 
     def stabilized_block(
         self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
     ) -> torch.Tensor:
-        """AS block: kept-row queries over all rows of ``full`` [T, D].
+        """AS block: kept-token queries over all tokens of ``full`` [B, T, D].
 
-        Returns the kept rows [sum(kept.lengths), D] after attention, residual and MLP.
+        Returns the kept tokens [B, sum(kept.lengths), D] after attention, residual and MLP.
         """
         ...
 
     def head(self, full: torch.Tensor, enc: EncodedInput) -> Any:
-        """Final norm / merger on the restored [T, D] tokens; returns what ``forward`` returns."""
+        """Final norm / merger on the restored [B, T, D] tokens.
+
+        With one row (the eager path) returns what the dense ``forward`` returns.
+        """
         ...

@@ -41,6 +41,8 @@ class FamilyAdapter:
     vision_class_names: ClassVar[tuple[str, ...]]
     num_prefix_tokens: ClassVar[int] = 0
     global_topk_spans_call: ClassVar[bool] = False
+    #: True when the tower's head already yields the LLM's embeddings (a merger).
+    head_is_projector: ClassVar[bool] = False
 
     def __init__(self, vision: nn.Module) -> None:
         """Bind the adapter to a vision tower of this family."""
@@ -89,7 +91,22 @@ class FamilyAdapter:
         raise NotImplementedError
 
     def embed(self, *args: Any, **kwargs: Any) -> EncodedInput:
-        """Patch-embed the dense ``forward``'s inputs."""
+        """Patch-embed the dense ``forward``'s inputs, packed in one row."""
+        raise NotImplementedError
+
+    # The row form (what is exported): one image per row, a static image size, dynamic batch.
+    def row_context(self, image_size: ImageSize) -> Any:
+        """Constants of the row form at ``image_size`` (positions), computed once per export."""
+        raise NotImplementedError
+
+    def row_inputs(
+        self, image_size: ImageSize, batch: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Seeded pixels of the row form, [B, ...]."""
+        raise NotImplementedError
+
+    def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
+        """Patch-embed row-form pixels [B, ...]: every row one image, the same segments."""
         raise NotImplementedError
 
     def block(
@@ -107,6 +124,14 @@ class FamilyAdapter:
     def head(self, full: torch.Tensor, enc: EncodedInput) -> Any:
         """Final norm / merger; returns the dense ``forward``'s output type."""
         raise NotImplementedError
+
+    def projector(self, model: nn.Module) -> nn.Module | None:
+        """The module that maps row-form ``features`` [B, n, D] to the LLM's embeddings.
+
+        ``None`` where the tower's own head already is the projector (a merger), or where
+        ``model`` is a tower without its multimodal model.
+        """
+        return None
 
     # --- shared helpers -------------------------------------------------------------------
     @property

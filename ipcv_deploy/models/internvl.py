@@ -6,17 +6,19 @@ the pixel-shuffle projector runs outside the tower, on the restored tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 from transformers.models.internvl.modeling_internvl import InternVLVisionModelOutputWithPooling
 
-from ipcv_deploy.compression import EncodedInput, TokenSet, segment_attention
+from ipcv_deploy.compression import EncodedInput, TokenSet, gather_tokens, segment_attention
 from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
-from ipcv_deploy.errors import InputError
+from ipcv_deploy.errors import InputError, UnsupportedModelError
 from ipcv_deploy.models.base import FamilyAdapter, ImageSize, register_adapter, reject_layer_outputs
 
 __all__ = ["InternVLAdapter"]
@@ -24,7 +26,6 @@ __all__ = ["InternVLAdapter"]
 
 @dataclass
 class _Tiles:
-    count: int  # B tiles
     tokens: int  # N = 1 + patches per tile
 
 
@@ -99,7 +100,7 @@ class InternVLAdapter(FamilyAdapter):
         bool_masked_pos: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> EncodedInput:
-        """Patch + position embeddings with CLS; one segment per tile."""
+        """Patch + position embeddings with CLS; the tiles packed in one row, a segment each."""
         reject_layer_outputs(kwargs, self.depth)
         if pixel_values.ndim != 4:
             raise InputError(
@@ -109,8 +110,24 @@ class InternVLAdapter(FamilyAdapter):
         emb = self.vision.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         tiles, tokens, width = emb.shape
         return EncodedInput(
-            emb.reshape(tiles * tokens, width), (tokens,) * tiles, _Tiles(tiles, tokens)
+            emb.reshape(1, tiles * tokens, width), (tokens,) * tiles, _Tiles(tokens)
         )
+
+    def row_context(self, image_size: ImageSize) -> None:
+        """Nothing to precompute: position embeddings are part of the weights."""
+        self.check_image_size(image_size)
+
+    def row_inputs(
+        self, image_size: ImageSize, batch: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``pixel_values`` [B, 3, H, W], one tile per row."""
+        (pixels,), _ = self.example_inputs(image_size, batch, generator)
+        return pixels
+
+    def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
+        """Embed [B, 3, H, W]: one tile per row, one segment."""
+        emb = self.vision.embeddings(pixels)
+        return EncodedInput(emb, (emb.shape[1],), _Tiles(emb.shape[1]))
 
     def block(
         self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
@@ -119,30 +136,64 @@ class InternVLAdapter(FamilyAdapter):
         per_tile = tokens.lengths[0]
         assert all(n == per_tile for n in tokens.lengths), "InternVL keeps a fixed count per tile"
         layer = self.vision.encoder.layer[index]
-        return layer(x.view(len(tokens.lengths), per_tile, -1)).reshape(x.shape)
+        return layer(x.reshape(-1, per_tile, x.shape[-1])).reshape(x.shape)
 
     def stabilized_block(
         self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
     ) -> torch.Tensor:
-        """Kept-row queries over all keys/values of each tile (spec section 3)."""
+        """Kept-token queries over all keys/values of each tile (spec section 3)."""
         assert kept.index is not None
         layer = self.vision.encoder.layer[index]
         attn = layer.attention
         idx, heads = kept.index, attn.num_heads
         h = layer.layernorm_before(full)
-        q = attn.q_norm(attn.q_proj(h[idx])).view(idx.shape[0], heads, -1)
-        k = attn.k_norm(attn.k_proj(h)).view(full.shape[0], heads, -1)
-        v = attn.v_proj(h).view(full.shape[0], heads, -1)
+        q = attn.q_norm(attn.q_proj(gather_tokens(h, idx))).unflatten(-1, (heads, -1))
+        k = attn.k_norm(attn.k_proj(h)).unflatten(-1, (heads, -1))
+        v = attn.v_proj(h).unflatten(-1, (heads, -1))
         out = segment_attention(q, k, v, kept.lengths, enc.segments)
-        out = attn.projection_dropout(attn.projection_layer(out.reshape(idx.shape[0], -1)))
-        x = full[idx] + layer.lambda_1 * out
+        out = attn.projection_dropout(attn.projection_layer(out.flatten(2)))
+        x = gather_tokens(full, idx) + layer.lambda_1 * out
         return x + layer.lambda_2 * layer.dropout(layer.mlp(layer.layernorm_after(x)))
 
     def head(self, full: torch.Tensor, enc: EncodedInput) -> InternVLVisionModelOutputWithPooling:
         """Final norm on [tiles, N, D]; the projector (pixel shuffle + mlp1) follows outside."""
         tiles: _Tiles = enc.context
-        out = self.vision.layernorm(full.view(tiles.count, tiles.tokens, -1))
+        out = self.vision.layernorm(full.reshape(-1, tiles.tokens, full.shape[-1]))
         return InternVLVisionModelOutputWithPooling(last_hidden_state=out)
+
+    def projector(self, model: nn.Module) -> nn.Module | None:
+        """``get_image_features`` after the tower: CLS drop, pixel shuffle, ``mlp1`` projector."""
+        inner = getattr(model, "model", model)
+        if not hasattr(inner, "multi_modal_projector"):
+            return None
+        if inner.config.vision_feature_layer not in (-1, self.depth - 1):
+            raise UnsupportedModelError(
+                f"vision_feature_layer={inner.config.vision_feature_layer} takes features from "
+                "inside the tower, where IPCV has pruned tokens; only the last layer (-1) works"
+            )
+        return _Projector(inner)
+
+
+class _Projector(nn.Module):
+    """InternVL's path from tower features [B, 1 + n, D] to LLM embeddings [B, n / 4, H]."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.drop_cls = inner.config.vision_feature_select_strategy == "default"
+        self.ratio = float(inner.config.downsample_ratio)
+        self.multi_modal_projector = inner.multi_modal_projector
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Same steps as ``InternVLModel.get_image_features`` after the tower."""
+        if self.drop_cls:
+            features = features[:, 1:, :]
+        side, width = math.isqrt(features.shape[1]), features.shape[-1]
+        scale, small = round(1 / self.ratio), side * self.ratio
+        # Pixel shuffle: fold scale x scale neighbours into channels, in InternVL's order.
+        grid = features.reshape(-1, side, int(small), width * scale)
+        grid = grid.permute(0, 2, 1, 3).reshape(-1, int(small), int(small), width * scale**2)
+        grid = grid.permute(0, 2, 1, 3)
+        return self.multi_modal_projector(grid.flatten(1, 2))
 
 
 def tiny_config(depth: int = 10, image_size: int = 112) -> InternVLConfig:

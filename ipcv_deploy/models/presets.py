@@ -58,6 +58,8 @@ class LoadedModel:
     vision: nn.Module
     model: nn.Module | None
     image_size: ImageSize
+    #: Seed of the random weights of a preset; ``None`` for a checkpoint.
+    seed: int | None = None
 
 
 def _full(cls_name: str, config_fn: Callable[[], object]) -> Callable[[], nn.Module]:
@@ -154,7 +156,7 @@ def load_model(
             module = preset.build().to(dtype).eval()
         vision = adapter.vision_tower(module) if preset.full_model else module
         model = module if preset.full_model else None
-        return LoadedModel(spec, adapter, vision, model, preset.image_size)
+        return LoadedModel(spec, adapter, vision, model, preset.image_size, seed)
     path = Path(spec)
     if not path.is_dir():
         raise UnsupportedModelError(

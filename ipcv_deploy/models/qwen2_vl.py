@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
 
-from ipcv_deploy.compression import EncodedInput, TokenSet, segment_attention
+from ipcv_deploy.compression import EncodedInput, TokenSet, gather_tokens, segment_attention
 from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import InputError
@@ -33,14 +33,14 @@ __all__ = ["Qwen2VLAdapter"]
 
 @dataclass
 class _Rope:
-    """RoPE tables of all tokens, and of the kept tokens once gathered (reused every block)."""
+    """RoPE tables of a row's tokens, and of the kept tokens once gathered (reused per block)."""
 
-    cos: torch.Tensor  # [T, head_dim]
+    cos: torch.Tensor  # [T, head_dim], the same for every row
     sin: torch.Tensor
     _kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def of(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the tokens at ``index`` (all tokens for ``None``)."""
+        """cos/sin of the tokens at ``index`` [B, T'] (all tokens, [T, d], for ``None``)."""
         if index is None:
             return self.cos, self.sin
         if self._kept is None or self._kept[0] is not index:
@@ -49,7 +49,7 @@ class _Rope:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """2-D vision RoPE on [T, H, d], in fp32 like transformers' ``apply_rotary_pos_emb_vision``."""
+    """2-D vision RoPE on [B, T, H, d], in fp32 like ``apply_rotary_pos_emb_vision``."""
     xf = x.float()
     cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
@@ -64,6 +64,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     vision_class_names = ("Qwen2VisionTransformerPretrainedModel",)
     num_prefix_tokens = 0
     global_topk_spans_call = True
+    head_is_projector = True
     reference = IPCVConfig(prune_layer=3, keep_ratio=0.35, as_layers=7, num_neighbors=10)
     full_model_class = Qwen2VLForConditionalGeneration
     tower_attribute = "visual"
@@ -120,7 +121,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     def embed(
         self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any
     ) -> EncodedInput:
-        """Patch embedding, 2-D RoPE tables and one segment per image / frame."""
+        """Patch embedding, 2-D RoPE tables and one segment per image / frame, in one row."""
         reject_layer_outputs(kwargs, self.depth)
         if grid_thw.ndim != 2 or grid_thw.shape[-1] != 3:
             raise InputError(
@@ -133,13 +134,37 @@ class Qwen2VLAdapter(FamilyAdapter):
                 f"{grid_thw.tolist()} (expected {expected} rows); pass the processor's "
                 "pixel_values together with its image_grid_thw"
             )
+        segments, rope = self._layout(grid_thw, kwargs)
+        tokens = self.vision.patch_embed(hidden_states)
+        return EncodedInput(tokens.unsqueeze(0), segments, rope)
+
+    def _layout(
+        self, grid_thw: torch.Tensor, kwargs: dict[str, Any]
+    ) -> tuple[tuple[int, ...], _Rope]:
         vision = self.vision
         position_ids = get_vision_position_ids(grid_thw, vision.spatial_merge_size, kwargs=kwargs)
         cu_seqlens = get_vision_cu_seqlens(grid_thw, kwargs=kwargs)
-        tokens = vision.patch_embed(hidden_states)
-        cos, sin = vision.rotary_pos_emb(tokens, position_ids)
-        segments = tuple(int(n) for n in cu_seqlens.diff().tolist())
-        return EncodedInput(tokens, segments, _Rope(cos, sin))
+        cos, sin = vision.rotary_pos_emb(vision.patch_embed.proj.weight, position_ids)
+        return tuple(int(n) for n in cu_seqlens.diff().tolist()), _Rope(cos, sin)
+
+    def row_context(self, image_size: ImageSize) -> tuple[tuple[int, ...], _Rope]:
+        """Segments and RoPE tables of one image of ``image_size``, computed once per export."""
+        self.check_image_size(image_size)
+        h, w = image_size[0] // self._patch, image_size[1] // self._patch
+        return self._layout(torch.tensor([[1, h, w]]), {})
+
+    def row_inputs(
+        self, image_size: ImageSize, batch: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Flattened patches of one image per row, [B, h*w, C*t*p*p]."""
+        (pixels,), _ = self.example_inputs(image_size, batch, generator)
+        return pixels.view(batch, -1, pixels.shape[-1])
+
+    def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
+        """Patch-embed [B, h*w, C*t*p*p], one image per row, with ``row_context``'s tables."""
+        segments, rope = context
+        tokens = self.vision.patch_embed(pixels.reshape(-1, pixels.shape[-1]))
+        return EncodedInput(tokens.view(pixels.shape[0], pixels.shape[1], -1), segments, rope)
 
     def block(
         self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
@@ -148,26 +173,25 @@ class Qwen2VLAdapter(FamilyAdapter):
         blk = self.vision.blocks[index]
         rope: _Rope = enc.context
         cos, sin = rope.of(tokens.index)
-        n, heads = x.shape[0], blk.attn.num_heads
-        q, k, v = blk.attn.qkv(blk.norm1(x)).view(n, 3, heads, -1).unbind(1)
+        q, k, v = blk.attn.qkv(blk.norm1(x)).unflatten(-1, (3, blk.attn.num_heads, -1)).unbind(2)
         out = segment_attention(
             _rotate(q, cos, sin), _rotate(k, cos, sin), v, tokens.lengths, tokens.lengths
         )
-        x = x + blk.attn.proj(out.reshape(n, -1))
+        x = x + blk.attn.proj(out.flatten(2))
         return x + blk.mlp(blk.norm2(x))
 
     def stabilized_block(
         self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
     ) -> torch.Tensor:
-        """Kept-row queries over all keys/values of each image (spec section 3)."""
+        """Kept-token queries over all keys/values of each image (spec section 3)."""
         assert kept.index is not None
         blk = self.vision.blocks[index]
         rope: _Rope = enc.context
         width, heads, idx = full.shape[-1], blk.attn.num_heads, kept.index
         weight, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
         h = blk.norm1(full)
-        q = F.linear(h[idx], weight[:width], bias[:width]).view(idx.shape[0], heads, -1)
-        k, v = F.linear(h, weight[width:], bias[width:]).view(full.shape[0], 2, heads, -1).unbind(1)
+        q = F.linear(gather_tokens(h, idx), weight[:width], bias[:width]).unflatten(-1, (heads, -1))
+        k, v = F.linear(h, weight[width:], bias[width:]).unflatten(-1, (2, heads, -1)).unbind(2)
         out = segment_attention(
             _rotate(q, *rope.of(idx)),
             _rotate(k, rope.cos, rope.sin),
@@ -175,13 +199,14 @@ class Qwen2VLAdapter(FamilyAdapter):
             kept.lengths,
             enc.segments,
         )
-        x = full[idx] + blk.attn.proj(out.reshape(idx.shape[0], -1))
+        x = gather_tokens(full, idx) + blk.attn.proj(out.flatten(2))
         return x + blk.mlp(blk.norm2(x))
 
     def head(self, full: torch.Tensor, enc: EncodedInput) -> BaseModelOutputWithPooling:
-        """PatchMerger on the restored grid; same output object as the dense tower."""
+        """PatchMerger on the restored grid; rows are flattened as the dense tower packs them."""
+        flat = full.reshape(-1, full.shape[-1])
         return BaseModelOutputWithPooling(
-            last_hidden_state=full, pooler_output=self.vision.merger(full)
+            last_hidden_state=flat, pooler_output=self.vision.merger(flat)
         )
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ipcv_deploy import IPCVConfig, apply_ipcv, remove_ipcv
-from ipcv_deploy.compression import TokenSet, build_prune_state, ipcv_encode
+from ipcv_deploy.compression import TokenSet, build_prune_state, gather_tokens, ipcv_encode
 from tests.conftest import TINY, Tiny, make_tiny
 from tests.parity import assert_close, assert_same_indices
 
@@ -54,7 +54,8 @@ def test_kept_counts_follow_the_config(tiny):
     n = tiny.adapter.encoder_shape(tiny.loaded.image_size).tokens
     p = config.kept_count(n, tiny.adapter.num_prefix_tokens)
     assert state.kept.lengths == (p, p)
-    keep, drop = state.keep_idx.tolist(), state.drop_idx.tolist()
+    assert state.keep_idx.shape[0] == 1  # the eager path packs every image in one row
+    keep, drop = state.keep_idx[0].tolist(), state.drop_idx[0].tolist()
     assert keep == sorted(keep) and drop == sorted(drop)
     assert sorted(keep + drop) == list(range(2 * n))
 
@@ -64,7 +65,7 @@ def test_internvl_cls_always_kept():
     for keep_ratio in (0.05, 0.35):
         state = _encode(tiny, _ref(tiny, keep_ratio=keep_ratio)).state
         n = 1 + (112 // 14) ** 2
-        assert set(range(0, 3 * n, n)) <= set(state.keep_idx.tolist())
+        assert set(range(0, 3 * n, n)) <= set(state.keep_idx[0].tolist())
         assert state.kept.lengths == (1 + max(1, int((n - 1) * keep_ratio)),) * 3
 
 
@@ -87,7 +88,7 @@ def test_ngr_exact_at_k_on_real_hidden_states(tiny, selection):
     config = _ref(tiny, selection=selection)
     with torch.no_grad():
         _, h_cur, state = _state_at_k(tiny, config)
-        assert torch.equal(state.reconstruct(h_cur[state.keep_idx]), h_cur)
+        assert torch.equal(state.reconstruct(gather_tokens(h_cur, state.keep_idx)), h_cur)
 
 
 @pytest.mark.parametrize("selection", ["per_image", "global"])
@@ -97,11 +98,12 @@ def test_kept_query_as_equals_full_query_as(tiny, selection):
     config = _ref(tiny, selection=selection)
     with torch.no_grad():
         enc, h_cur, state = _state_at_k(tiny, config)
-        drifted = h_cur[state.keep_idx] * 1.1 + 0.05  # kept tokens after some blocks
+        drifted = gather_tokens(h_cur, state.keep_idx) * 1.1 + 0.05  # kept tokens after some blocks
         full = state.reconstruct(drifted)
         index = config.prune_layer
         kept_query = tiny.adapter.stabilized_block(index, full, enc, state.kept)
-        full_query = tiny.adapter.block(index, full, enc, TokenSet(enc.segments))[state.keep_idx]
+        everything = TokenSet(enc.segments)
+        full_query = gather_tokens(tiny.adapter.block(index, full, enc, everything), state.keep_idx)
     assert_close(kept_query, full_query, what="AS block")
 
 
@@ -124,7 +126,7 @@ def test_batch_equals_per_image_loop(tiny):
         singles.append(tiny.adapter.features(result.output))
         keeps.append(result.state.keep_idx + i * _tokens(tiny))
     assert_close(tiny.adapter.features(batched.output), torch.cat(singles), what="batched vs loop")
-    assert_same_indices(batched.state.keep_idx, torch.cat(keeps), "keep_idx")
+    assert_same_indices(batched.state.keep_idx, torch.cat(keeps, dim=1), "keep_idx")
 
 
 def _tokens(tiny: Tiny) -> int:
@@ -161,13 +163,13 @@ def test_global_selection_counts_first_patch_in_its_own_image():
     """The reference's searchsorted(right=False) would count token 256 (first patch of image 2)
     in image 1; the kept count per image must put it in image 2."""
     segments = (256, 96)
-    h_prev = torch.zeros(352, 8)
-    h_cur = torch.zeros(352, 8)
-    h_cur[256] = 100.0  # image 2's first patch changes most
-    h_cur[:10] = 50.0
+    h_prev = torch.zeros(1, 352, 8)
+    h_cur = torch.zeros(1, 352, 8)
+    h_cur[0, 256] = 100.0  # image 2's first patch changes most
+    h_cur[0, :10] = 50.0
     config = IPCVConfig(keep_ratio=11 / 352 + 1e-9, selection="global")
     state = build_prune_state(h_prev, h_cur, segments, config)
-    assert 256 in state.keep_idx.tolist()
+    assert 256 in state.keep_idx[0].tolist()
     assert state.kept.lengths == (10, 1)
 
 

@@ -1,0 +1,258 @@
+"""Export artifacts on disk: the manifest, file hashes, and atomic directory writes.
+
+An artifact directory holds ``manifest.json``, the ONNX graph(s) and their external weights.
+Loading checks the manifest's format and op set version and every file's size and SHA-256,
+so a truncated, modified or mismatched artifact is refused before any runtime sees it.
+Pure Python: no onnx import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ipcv_deploy.errors import ArtifactError
+from ipcv_deploy.ops import OPSET_VERSION
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "Artifact",
+    "FileEntry",
+    "Manifest",
+    "TensorInfo",
+    "file_entry",
+    "load_artifact",
+    "sha256_of",
+    "staged_directory",
+]
+
+ARTIFACT_FORMAT = "ipcv-deploy/vision-encoder"
+MANIFEST_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FLAVOURS = ("ort", "trt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output: name, element type, shape (``"batch"`` for the dynamic axis)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorInfo:
+        """Inverse of ``asdict``."""
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """Size and SHA-256 of one file of the artifact."""
+
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What an artifact is; ``manifest.json`` is this, as JSON.
+
+    Attributes:
+        family: encoder family display name; ``model_type`` its Hugging Face type.
+        source: where the weights came from: ``{"preset", "seed"}`` or ``{"path"}``.
+        dtype: weight and I/O float type.
+        image_size: the static (H, W) of every image.
+        ipcv: the IPCV settings (``IPCVConfig.to_dict``), ``None`` for a dense export.
+        tokens_per_image: encoder tokens per image (N); ``kept_per_image`` after selection.
+        output_kind: ``llm_embeddings`` (projector output) or ``vision_features`` (tower only).
+        encoder: depth, width and output width.
+        flops_per_image: analytic FLOPs of the exported graph and of its dense counterpart.
+        opsets: ONNX domain -> version (``""`` is the standard domain).
+        flavours: flavour (``ort``: function bodies, ``trt``: plugin attributes) -> ONNX file.
+        plugin: TensorRT plugin namespace and version the ``trt`` flavour names.
+        inputs / outputs: graph I/O.
+        files: every file of the artifact but the manifest -> size and hash.
+        producer: package versions that wrote the artifact.
+    """
+
+    family: str
+    model_type: str
+    source: dict[str, Any]
+    dtype: str
+    image_size: tuple[int, int]
+    ipcv: dict[str, Any] | None
+    tokens_per_image: int
+    kept_per_image: int
+    output_kind: str
+    encoder: dict[str, int]
+    flops_per_image: dict[str, int]
+    opsets: dict[str, int]
+    flavours: dict[str, str]
+    plugin: dict[str, str]
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    files: dict[str, FileEntry]
+    producer: dict[str, str]
+    format: str = ARTIFACT_FORMAT
+    manifest_version: int = MANIFEST_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: Path) -> Manifest:
+        """Validate and build; ``where`` names the file in errors."""
+        if not isinstance(data, dict) or data.get("format") != ARTIFACT_FORMAT:
+            raise ArtifactError(
+                f"{where} is not an ipcv-deploy vision-encoder manifest "
+                f"(format {data.get('format') if isinstance(data, dict) else None!r}); "
+                "export one with `ipcv-export export`"
+            )
+        if data.get("manifest_version", 0) > MANIFEST_VERSION:
+            raise ArtifactError(
+                f"{where} has manifest version {data['manifest_version']}, newer than the "
+                f"{MANIFEST_VERSION} this ipcv-deploy reads; upgrade ipcv-deploy or re-export"
+            )
+        ipcv_opset = data.get("opsets", {}).get("ipcv", OPSET_VERSION)
+        if ipcv_opset > OPSET_VERSION:
+            raise ArtifactError(
+                f"{where.parent} uses ipcv op set version {ipcv_opset}, but this ipcv-deploy "
+                f"implements version {OPSET_VERSION}; upgrade ipcv-deploy or re-export the model"
+            )
+        names = {f.name for f in fields(cls)}
+        missing = sorted(n for n in names - set(data) if n not in ("format", "extra"))
+        if missing or set(data) - names:
+            raise ArtifactError(
+                f"{where} is malformed (missing {missing}, unknown {sorted(set(data) - names)}); "
+                "re-export the artifact"
+            )
+        try:
+            return cls(
+                **{
+                    **data,
+                    "image_size": tuple(data["image_size"]),
+                    "inputs": tuple(TensorInfo.from_dict(t) for t in data["inputs"]),
+                    "outputs": tuple(TensorInfo.from_dict(t) for t in data["outputs"]),
+                    "files": {k: FileEntry(**v) for k, v in data["files"].items()},
+                }
+            )
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ArtifactError(f"{where} is malformed ({err}); re-export the artifact") from None
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path) -> FileEntry:
+    """Size and hash of ``path`` for the manifest."""
+    return FileEntry(path.stat().st_size, sha256_of(path))
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded, checked artifact directory."""
+
+    path: Path
+    manifest: Manifest
+
+    def flavour_file(self, flavour: str) -> Path:
+        """The ONNX file of ``flavour`` (``ort`` or ``trt``).
+
+        Raises:
+            ArtifactError: the artifact was exported without that flavour.
+        """
+        name = self.manifest.flavours.get(flavour)
+        if name is None:
+            raise ArtifactError(
+                f"{self.path} has no {flavour!r} flavour (it has "
+                f"{sorted(self.manifest.flavours)}); re-export with --target {flavour} or all"
+            )
+        return self.path / name
+
+
+def load_artifact(path: str | os.PathLike[str], check_hashes: bool = True) -> Artifact:
+    """Read and check an artifact directory.
+
+    Args:
+        path: the directory ``ipcv-export export`` wrote.
+        check_hashes: hash every file (sizes are always checked).
+
+    Raises:
+        ArtifactError: missing, malformed, newer, truncated or modified artifact.
+    """
+    root = Path(path)
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise ArtifactError(
+            f"{root} has no {MANIFEST_NAME}; pass a directory written by `ipcv-export export`"
+        )
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{manifest_path} is not valid JSON ({err}); re-export") from None
+    manifest = Manifest.from_dict(data, manifest_path)
+    for name, entry in manifest.files.items():
+        file = root / name
+        if not file.is_file():
+            raise ArtifactError(f"{file} is missing; the artifact is incomplete, re-export it")
+        size = file.stat().st_size
+        if size != entry.bytes:
+            raise ArtifactError(
+                f"{file} has {size} bytes but the manifest says {entry.bytes}: the file is "
+                "truncated or does not belong to this manifest; re-export the artifact"
+            )
+        if check_hashes and sha256_of(file) != entry.sha256:
+            raise ArtifactError(
+                f"{file} does not match the SHA-256 in its manifest: it was modified or "
+                "corrupted; re-export the artifact"
+            )
+    for flavour, name in manifest.flavours.items():
+        if flavour not in FLAVOURS or name not in manifest.files:
+            raise ArtifactError(f"{manifest_path} lists flavour {flavour!r} -> {name!r} badly")
+    return Artifact(root, manifest)
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path, force: bool) -> Iterator[Path]:
+    """Write a directory atomically: yield a hidden sibling, rename it to ``out`` on success.
+
+    On any error the staging directory is removed and ``out`` is untouched.
+
+    Raises:
+        ArtifactError: ``out`` exists and ``force`` is false.
+    """
+    if out.exists() and not force:
+        raise ArtifactError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(stage, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -7,7 +7,6 @@ is needed.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +35,8 @@ class OrtBackend:
         threads: intra-op threads (``None``: ONNX Runtime's default, all cores).
         providers: execution providers (default CPU).
         profile_prefix: turn on ONNX Runtime's profiler, writing JSON with this prefix.
-        model_path: run this ONNX file instead of the artifact's (a copy with extra outputs).
+        model: run this serialized ONNX model instead of the artifact's file (a copy with
+            extra outputs); its external weights are read from the artifact directory.
     """
 
     name = "onnxruntime"
@@ -47,7 +47,7 @@ class OrtBackend:
         threads: int | None = None,
         providers: list[str] | None = None,
         profile_prefix: str | None = None,
-        model_path: Path | None = None,
+        model: bytes | None = None,
     ) -> None:
         ort = _onnxruntime()
         options = ort.SessionOptions()
@@ -57,10 +57,16 @@ class OrtBackend:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
         options.log_severity_level = 3
-        path = model_path or artifact.flavour_file("ort")
+        if model is None:
+            source: str | bytes = os.fspath(artifact.flavour_file("ort"))
+        else:
+            source = model
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", os.fspath(artifact.path)
+            )
         self.artifact = artifact
         self.session = ort.InferenceSession(
-            os.fspath(path), options, providers=providers or ["CPUExecutionProvider"]
+            source, options, providers=providers or ["CPUExecutionProvider"]
         )
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self._input = artifact.manifest.inputs[0]

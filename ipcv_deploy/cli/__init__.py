@@ -16,15 +16,16 @@ __all__ = ["main"]
 
 
 def _commands() -> dict[str, ModuleType]:
-    from ipcv_deploy.cli import bench, demo
+    from ipcv_deploy.cli import bench, demo, export, inspect, verify
 
-    return {"demo": demo, "bench": bench}
+    return {"demo": demo, "export": export, "verify": verify, "inspect": inspect, "bench": bench}
 
 
 def _parser(commands: dict[str, ModuleType]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipcv-export",
-        description="Compress the vision encoder of a multimodal LLM with IPCV and measure it.",
+        description="Compress the vision encoder of a multimodal LLM with IPCV, export it to ONNX, "
+        "verify and measure it.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in commands.items():

@@ -1,0 +1,79 @@
+"""Export the vision encoder (IPCV-compressed, or dense) to an ONNX artifact directory.
+
+Writes vision.onnx (ONNX Runtime flavour: ipcv ops with standard-op function bodies),
+vision.trt.onnx (TensorRT flavour: plugin attributes, no bodies), shared external weights
+and manifest.json, atomically. Static image size, dynamic batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ipcv_deploy.bench.report import progress
+from ipcv_deploy.cli.options import (
+    add_ipcv_args,
+    add_model_args,
+    add_output_args,
+    ipcv_config,
+    parse_image_size,
+    print_json,
+)
+from ipcv_deploy.models import load_model, parse_dtype
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``export``."""
+    add_model_args(parser)
+    add_ipcv_args(parser)
+    parser.add_argument("--dense", action="store_true", help="export without IPCV (baseline)")
+    parser.add_argument(
+        "--out", type=Path, help="artifact directory (default: engines/<model>-<ipcv|dense>)"
+    )
+    parser.add_argument(
+        "--target",
+        choices=["ort", "trt", "all"],
+        default="all",
+        help="ort: function bodies for any ONNX runtime; trt: TensorRT plugin nodes; "
+        "all: both, sharing one weights file (default)",
+    )
+    parser.add_argument(
+        "--return-indices", action="store_true", help="also output the kept indices [B, P]"
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_output_args(parser)
+
+
+def default_out(model: str, dense: bool) -> Path:
+    """``engines/<model name>-<ipcv|dense>``."""
+    return Path("engines") / f"{Path(model).name}-{'dense' if dense else 'ipcv'}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, export, print what was written."""
+    from ipcv_deploy.export import ExportOptions, export_encoder
+
+    started = time.perf_counter()
+    progress(f"loading {args.model} ...")
+    loaded = load_model(args.model, parse_dtype(args.dtype), args.seed)
+    image_size = parse_image_size(args.image_size) if args.image_size else loaded.image_size
+    config = None if args.dense else ipcv_config(args, loaded.adapter)
+    out = args.out or default_out(args.model, args.dense)
+    options = ExportOptions(image_size, config, args.target, args.return_indices, args.force)
+    artifact = export_encoder(loaded, options, out, progress=progress)
+    elapsed = time.perf_counter() - started
+    if args.json:
+        print_json({"artifact": str(out), "elapsed_s": elapsed, **artifact.manifest.to_dict()})
+        return 0
+    m = artifact.manifest
+    print(f"exported {m.family} encoder to {out} in {elapsed:.1f} s")
+    print(
+        f"  {m.image_size[0]}x{m.image_size[1]}: {m.tokens_per_image} -> {m.kept_per_image} "
+        f"tokens per image, {m.flops_per_image['exported'] / m.flops_per_image['dense']:.1%} "
+        "of dense FLOPs"
+    )
+    for flavour, name in m.flavours.items():
+        print(f"  {flavour}: {name}")
+    print(f"next: ipcv-export verify {out}")
+    return 0

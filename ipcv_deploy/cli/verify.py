@@ -1,0 +1,60 @@
+"""Prove an artifact computes what PyTorch computes: outputs and every ipcv op, on ONNX Runtime.
+
+Seeded inputs go through the PyTorch reference (rebuilt from the manifest's source) and the
+artifact's ONNX Runtime flavour. Exit code 1 when any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ipcv_deploy.artifact import load_artifact
+from ipcv_deploy.bench.report import format_table, progress
+from ipcv_deploy.cli.options import add_output_args, print_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``verify``."""
+    parser.add_argument("artifact", type=Path, help="directory written by `ipcv-export export`")
+    parser.add_argument("--batch", type=int, default=2, help="images per call (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument(
+        "--rtol", type=float, help="max |diff| / max |ref| (default 1e-5 fp32, 1e-2 half)"
+    )
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    add_output_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Verify, print the table (or JSON), exit 1 on any failed check."""
+    from ipcv_deploy.backends.verify import verify_artifact
+
+    progress(f"checking {args.artifact} ...")
+    artifact = load_artifact(args.artifact)
+    progress("running PyTorch and ONNX Runtime on the same inputs ...")
+    report = verify_artifact(artifact, args.batch, args.seed, args.rtol, args.threads)
+    if args.json:
+        print_json(report.to_dict())
+        return 0 if report.passed else 1
+    m = artifact.manifest
+    print(
+        f"verify {args.artifact}: {m.family}, {report.reference} vs {report.candidate}, "
+        f"batch {report.batch}, seed {report.seed}, rtol {report.rtol:g}"
+    )
+    rows = [
+        [
+            c.name,
+            "x".join(map(str, c.shape)),
+            f"{c.max_rel:.2e}" if c.kind == "float" else "-",
+            f"{c.cosine:.7f}" if c.kind == "float" else "-",
+            "-"
+            if c.kind == "float"
+            else ("identical" if c.mismatched == 0 else f"{c.mismatched} differ"),
+            "ok" if c.passed else "FAIL",
+        ]
+        for c in report.outputs + report.ops
+    ]
+    print(format_table(["tensor", "shape", "max rel err", "min cosine", "indices", ""], rows))
+    print("PASS" if report.passed else "FAIL")
+    return 0 if report.passed else 1

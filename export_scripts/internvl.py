@@ -4,17 +4,21 @@
     python export_scripts/internvl.py --model /path/to/InternVL3-8B-hf --dtype bfloat16
 
 Prints dense vs IPCV agreement of the projector output (what replaces the image tokens) and
-the answer of ``generate`` with each.
+the answer of ``generate`` with each, then exports the IPCV encoder with its projector to ONNX
+(``--out``) and compares ONNX Runtime with PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from ipcv_deploy import apply_ipcv, remove_ipcv
+from ipcv_deploy.backends.onnxruntime_backend import OrtBackend
 from ipcv_deploy.bench.parity import compare
+from ipcv_deploy.export import ExportOptions, export_encoder
 from ipcv_deploy.models import load_model, parse_dtype
 
 
@@ -23,6 +27,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-internvl")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tiles", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("engines/example-internvl-ipcv"))
     args = parser.parse_args()
     loaded = load_model(args.model, parse_dtype(args.dtype))
     adapter = loaded.adapter(loaded.vision)
@@ -47,6 +52,10 @@ def main() -> None:
     )
     print(f"dense generate: {dense_ids[0, len(ids) :].tolist()}")
     print(f"IPCV  generate: {ipcv_ids[0, len(ids) :].tolist()}")
+    options = ExportOptions(loaded.image_size, loaded.adapter.reference_ipcv(), force=True)
+    artifact = export_encoder(loaded, options, args.out)
+    onnx = OrtBackend(artifact)(pixels)["image_embeds"]  # one tile per row
+    print(f"ONNX Runtime ({args.out}) vs PyTorch IPCV: {compare(features['ipcv'], onnx)}")
 
 
 if __name__ == "__main__":

@@ -3,18 +3,21 @@
     python export_scripts/qwen2_vl.py                      # built-in tiny model
     python export_scripts/qwen2_vl.py --model /path/to/Qwen2-VL-7B-Instruct --dtype bfloat16
 
-With a real checkpoint the model's own processor prepares a synthetic image; the script prints
-dense vs IPCV agreement of the merger output and the answer of ``generate`` with each.
+Prints dense vs IPCV agreement of the merger output and the answer of ``generate`` with each,
+then exports the IPCV encoder to ONNX (``--out``) and compares ONNX Runtime with PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from ipcv_deploy import apply_ipcv, remove_ipcv
+from ipcv_deploy.backends.onnxruntime_backend import OrtBackend
 from ipcv_deploy.bench.parity import compare
+from ipcv_deploy.export import ExportOptions, export_encoder
 from ipcv_deploy.models import load_model, parse_dtype
 
 
@@ -22,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-qwen2-vl")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=Path("engines/example-qwen2-vl-ipcv"))
     args = parser.parse_args()
     loaded = load_model(args.model, parse_dtype(args.dtype))
     adapter = loaded.adapter(loaded.vision)
@@ -45,6 +49,10 @@ def main() -> None:
     print(f"merger output {tuple(dense.shape)}: {compare(dense, ipcv)}")
     print(f"dense generate: {dense_ids[0, len(ids) :].tolist()}")
     print(f"IPCV  generate: {ipcv_ids[0, len(ids) :].tolist()}")
+    options = ExportOptions((448, 448), loaded.adapter.reference_ipcv(), force=True)
+    artifact = export_encoder(loaded, options, args.out)
+    onnx = OrtBackend(artifact)(pixels.unsqueeze(0))["image_embeds"][0]  # one image per row
+    print(f"ONNX Runtime ({args.out}) vs PyTorch IPCV: {compare(ipcv, onnx)}")
 
 
 if __name__ == "__main__":

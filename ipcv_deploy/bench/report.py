@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["format_table", "machine_info", "median_seconds", "progress", "write_json"]
+__all__ = [
+    "format_table",
+    "machine_info",
+    "median_seconds",
+    "peak_rss_gb",
+    "progress",
+    "write_json",
+]
 
 
 def progress(message: str) -> None:
@@ -37,6 +44,21 @@ def median_seconds(
         if label:
             progress(f"  {label} run {i + 1}/{runs}: {times[-1] * 1e3:.1f} ms")
     return statistics.median(times), times
+
+
+def peak_rss_gb() -> float | None:
+    """Peak resident memory of this process since it started (Linux ``VmHWM``), in GiB.
+
+    Unlike ``ru_maxrss`` of a child, this does not inherit the parent's peak across fork/exec.
+    ``None`` where ``/proc`` is not available.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
 
 
 def _cpu_model() -> str:

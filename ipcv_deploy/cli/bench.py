@@ -1,5 +1,7 @@
-"""Benchmarks: analytic FLOPs (--flops) and PyTorch CPU latency (--latency), dense vs IPCV.
+"""Benchmarks: analytic FLOPs (--flops), PyTorch latency (--latency), ONNX Runtime (--ort).
 
+--ort exports dense and IPCV artifacts (peak RSS measured per export) and times both on ONNX
+Runtime CPU next to PyTorch eager dense, with the ipcv ops' share of ORT time (profiler).
 Prints a table (or one JSON document with --json) and writes the JSON to --out.
 Default models: the full-size Qwen2-VL-7B ViT and InternViT-300M with random weights.
 """
@@ -12,6 +14,7 @@ from typing import Any
 
 from ipcv_deploy.bench.flops import FLOPS_HEADERS, flops_report, flops_table
 from ipcv_deploy.bench.latency import torch_latency
+from ipcv_deploy.bench.onnxruntime import ort_latency
 from ipcv_deploy.bench.report import format_table, machine_info, write_json
 from ipcv_deploy.cli.options import (
     add_ipcv_args,
@@ -33,6 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--latency", action="store_true", help="PyTorch eager latency, dense vs IPCV"
     )
+    parser.add_argument(
+        "--ort", action="store_true", help="export, then ONNX Runtime latency, dense vs IPCV"
+    )
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (--ort)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("engines") / "bench",
+        help="where --ort writes its artifacts (default engines/bench)",
+    )
     add_model_args(parser, default=None)
     parser.set_defaults(model=None)
     parser.add_argument(
@@ -49,14 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the requested benchmarks over the models."""
-    if not (args.flops or args.latency):
-        raise ConfigError("pick at least one benchmark: --flops and/or --latency")
+    if not (args.flops or args.latency or args.ort):
+        raise ConfigError("pick at least one benchmark: --flops, --latency and/or --ort")
     if args.batch < 1 or args.runs < 1:
         raise ConfigError(f"--batch and --runs must be >= 1, got {args.batch} and {args.runs}")
     names = args.models or ([args.model] if args.model else list(BENCHMARK_PRESETS))
-    results: dict[str, Any] = {"machine": machine_info(), "flops": [], "latency": []}
+    results: dict[str, Any] = {"machine": machine_info(), "flops": [], "latency": [], "ort": []}
     for name in names:
         loaded = load_model(name, parse_dtype(args.dtype), args.seed, weights=args.latency)
+        if args.ort and args.dtype != "float32":
+            raise ConfigError("--ort measures float32 exports (the CPU target); drop --dtype")
         adapter = loaded.adapter(loaded.vision)
         image_size = parse_image_size(args.image_size) if args.image_size else loaded.image_size
         config = ipcv_config(args, loaded.adapter)
@@ -66,7 +81,14 @@ def run(args: argparse.Namespace) -> int:
             results["latency"].append(
                 torch_latency(loaded, config, image_size, args.batch, args.runs, seed=args.seed)
             )
-    kind = "_".join(k for k in ("flops", "latency") if getattr(args, k))
+        if args.ort:
+            del loaded
+            results["ort"].append(
+                ort_latency(
+                    name, config, image_size, args.workdir, args.runs, args.threads, args.seed
+                )
+            )
+    kind = "_".join(k for k in ("flops", "latency", "ort") if getattr(args, k))
     out = args.out or Path("engines") / "bench" / f"{kind}.json"
     write_json(out, results)
     if args.json:
@@ -114,5 +136,50 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"(median of {args.runs} runs; goal: speed-up >= {SPEEDUP_GOAL:.0%} of the FLOP ratio)"
         )
+    if results["ort"]:
+        _print_ort(results, args.runs)
     print(f"\nwrote {out}")
     return 0
+
+
+ORT_SPEEDUP_GOAL = 2.2  # IPCV vs dense export, for the first benchmark preset
+ORT_OP_SHARE_GOAL = 0.05
+EXPORT_RSS_GOAL_GB = 8.0
+
+
+def _print_ort(results: dict[str, Any], runs: int) -> None:
+    m = results["machine"]
+    print(f"\nONNX Runtime CPU, {m['cpu']}, {results['ort'][0]['threads']} threads, batch 1")
+    rows = [
+        [
+            r["model"],
+            f"{r['tokens'][0]} -> {r['tokens'][1]}",
+            f"{r['latency_ms']['torch_dense']:.0f}",
+            f"{r['latency_ms']['ort_dense']:.0f}",
+            f"{r['latency_ms']['ort_ipcv']:.0f}",
+            f"{r['speedup_ort']:.2f}x",
+            f"{r['flop_ratio']:.2f}x",
+            f"{r['speedup_vs_torch_dense']:.2f}x",
+            f"{r['ipcv_op_share']:.1%}",
+            f"{r['export']['ipcv']['peak_rss_gb']:.1f} GB",
+        ]
+        for r in results["ort"]
+    ]
+    headers = [
+        "model",
+        "tokens",
+        "torch dense ms",
+        "ORT dense ms",
+        "ORT IPCV ms",
+        "IPCV speed-up",
+        "FLOP ratio",
+        "vs torch dense",
+        "ipcv ops",
+        "export RSS",
+    ]
+    print(format_table(headers, rows))
+    print(
+        f"(median of {runs} runs; goals: IPCV speed-up >= {ORT_SPEEDUP_GOAL}x on "
+        f"{BENCHMARK_PRESETS[0]}, ipcv ops <= {ORT_OP_SHARE_GOAL:.0%} of encoder time, "
+        f"export RSS <= {EXPORT_RSS_GOAL_GB:.0f} GB)"
+    )

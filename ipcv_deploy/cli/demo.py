@@ -1,13 +1,16 @@
-"""Compress a vision encoder with IPCV and show dense vs IPCV agreement, FLOPs and time.
+"""The whole chain on one model: IPCV in PyTorch, ONNX export, ONNX Runtime parity and time.
 
-Runs on the built-in tiny Qwen2-VL by default (seeded random weights, no download); pass
---model with another preset or a local checkpoint directory.
+Compresses the encoder with IPCV and shows dense vs IPCV agreement, FLOPs and PyTorch time;
+then exports the IPCV encoder (engines/demo/<model>), verifies ONNX Runtime against PyTorch
+and times it. Runs on the built-in tiny Qwen2-VL by default (seeded random weights, no
+download); pass --model with another preset or a local checkpoint directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,7 +26,8 @@ from ipcv_deploy.cli.options import (
     parse_image_size,
     print_json,
 )
-from ipcv_deploy.models import load_model, parse_dtype
+from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.models import ImageSize, LoadedModel, load_model, parse_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ipcv_args(parser)
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per variant (median)")
+    parser.add_argument(
+        "--no-export", action="store_true", help="skip the ONNX export and ONNX Runtime steps"
+    )
     add_output_args(parser)
 
 
@@ -77,14 +84,42 @@ def run(args: argparse.Namespace) -> int:
         },
         "latency_ms": {k: v * 1e3 for k, v in latency.items()},
         "speedup": latency["dense"] / latency["ipcv"],
+        "onnx": None if args.no_export else _export_and_verify(loaded, config, image_size, args),
         "elapsed_s": time.perf_counter() - started,
         "machine": machine_info(),
     }
+    code = 0 if result["onnx"] is None or result["onnx"]["parity_passed"] else 1
     if args.json:
         print_json(result)
-        return 0
+        return code
     _print(result, args.runs)
-    return 0
+    return code
+
+
+def _export_and_verify(
+    loaded: LoadedModel, config: IPCVConfig, image_size: ImageSize, args: argparse.Namespace
+) -> dict:
+    from ipcv_deploy.backends.onnxruntime_backend import OrtBackend
+    from ipcv_deploy.backends.verify import verify_artifact
+    from ipcv_deploy.export import ExportOptions, export_encoder
+
+    out = Path("engines") / "demo" / f"{Path(loaded.name).name}-ipcv"
+    options = ExportOptions(image_size, config, target="all", force=True)
+    artifact = export_encoder(loaded, options, out, progress=progress)
+    progress("verifying ONNX Runtime against PyTorch ...")
+    report = verify_artifact(artifact, batch=max(args.batch, 2), seed=args.seed)
+    backend = OrtBackend(artifact)
+    pixels = loaded.adapter(loaded.vision).row_inputs(
+        image_size, args.batch, torch.Generator().manual_seed(args.seed)
+    )
+    seconds, _ = median_seconds(lambda: backend(pixels), args.runs)
+    return {
+        "artifact": str(out),
+        "parity_passed": report.passed,
+        "max_rel_err": max(c.max_rel for c in report.outputs + report.ops),
+        "indices_identical": all(c.mismatched == 0 for c in report.outputs + report.ops),
+        "ort_ipcv_ms": seconds * 1e3,
+    }
 
 
 def _print(r: dict, runs: int) -> None:
@@ -117,6 +152,14 @@ def _print(r: dict, runs: int) -> None:
         f"output vs dense: cosine {a['cosine']:.4f}, max abs err {a['max_abs']:.3g}, "
         f"max rel err {a['max_rel']:.3g}"
     )
+    if r["onnx"]:
+        o = r["onnx"]
+        print(
+            f"ONNX export: {o['artifact']}; ONNX Runtime vs PyTorch: "
+            f"{'PASS' if o['parity_passed'] else 'FAIL'} (max rel err {o['max_rel_err']:.1e}, "
+            f"kept indices {'identical' if o['indices_identical'] else 'DIFFER'}), "
+            f"ONNX Runtime IPCV {o['ort_ipcv_ms']:.1f} ms"
+        )
     print(
         f"done in {r['elapsed_s']:.1f} s on {r['machine']['cpu']} "
         f"({r['machine']['torch_threads']} threads)"

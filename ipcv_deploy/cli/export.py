@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ipcv_deploy.bench.report import progress
+from ipcv_deploy.bench.report import peak_rss_gb, progress
 from ipcv_deploy.cli.options import (
     add_ipcv_args,
     add_model_args,
@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     artifact = export_encoder(loaded, options, out, progress=progress)
     elapsed = time.perf_counter() - started
     if args.json:
-        print_json({"artifact": str(out), "elapsed_s": elapsed, **artifact.manifest.to_dict()})
+        summary = {"artifact": str(out), "elapsed_s": elapsed, "peak_rss_gb": peak_rss_gb()}
+        print_json({**summary, **artifact.manifest.to_dict()})
         return 0
     m = artifact.manifest
     print(f"exported {m.family} encoder to {out} in {elapsed:.1f} s")

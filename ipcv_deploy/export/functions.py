@@ -24,8 +24,9 @@ class _Body:
         self.nodes: list[onnx.NodeProto] = []
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs: object) -> list[str]:
-        names = [f"{self.name}_{len(self.nodes)}_{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        step = f"{self.name}_{len(self.nodes)}"
+        names = [f"{step}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=step, **attrs))
         return names
 
     def one(self, op_type: str, *inputs: str, **attrs: object) -> str:
@@ -40,7 +41,7 @@ class _Body:
 
     def attr_int(self, attribute: str) -> str:
         """A scalar int64 tensor holding the calling node's integer ``attribute``."""
-        node = helper.make_node("Constant", [], [f"{self.name}_{attribute}"])
+        node = helper.make_node("Constant", [], [f"{self.name}_{attribute}"], name=attribute)
         node.attribute.append(
             helper.make_attribute_ref("value_int", AttributeProto.INT, ref_attr_name=attribute)
         )

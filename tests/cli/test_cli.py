@@ -16,9 +16,13 @@ from ipcv_deploy.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_json(capsys):
+def test_demo_json(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(["demo", "--json", "--runs", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
+    onnx = result["onnx"]
+    assert onnx["parity_passed"] and onnx["indices_identical"] and onnx["max_rel_err"] < 1e-5
+    assert (tmp_path / onnx["artifact"] / "manifest.json").is_file()
     assert result["model"] == "tiny-qwen2-vl"
     assert result["tokens_per_image"] == 256 and result["kept_per_image"] == 89
     assert 0.5 < result["agreement"]["cosine"] < 1.0
@@ -39,6 +43,7 @@ def test_demo_table_internvl(capsys):
                 "1",
                 "--keep-ratio",
                 "0.5",
+                "--no-export",
             ]
         )
         == 0
@@ -122,10 +127,11 @@ def test_readme_has_the_two_setup_commands():
     assert "pytest" in commands[1]
 
 
-def test_installed_script_runs_demo():
+def test_installed_script_runs_demo(tmp_path):
     """The console script, as the README's first command uses it (without re-installing)."""
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "ipcv-export"), "demo", "--json", "--runs", "1"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,

@@ -34,37 +34,37 @@ def test_a_flipped_byte_in_the_weights_is_refused(artifact_copy):
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
-    with pytest.raises(ArtifactError, match="does not match the SHA-256.*re-export"):
+    with pytest.raises(ArtifactError, match=r"does not match the SHA-256.*re-export"):
         load_artifact(artifact_copy)
 
 
 def test_a_truncated_graph_is_refused(artifact_copy):
     graph = artifact_copy / "vision.onnx"
     graph.write_bytes(graph.read_bytes()[:1000])
-    with pytest.raises(ArtifactError, match="truncated"):
+    with pytest.raises(ArtifactError, match=r"truncated"):
         load_artifact(artifact_copy)
 
 
 def test_a_graph_from_another_export_is_refused(artifact_copy, dense_artifact):
     shutil.copy(dense_artifact.path / "vision.onnx", artifact_copy / "vision.onnx")
-    with pytest.raises(ArtifactError, match="vision.onnx"):
+    with pytest.raises(ArtifactError, match=r"vision.onnx"):
         load_artifact(artifact_copy)
 
 
 def test_a_newer_ipcv_op_set_is_refused(artifact_copy):
     _edit_manifest(artifact_copy, opsets={"": 18, "ipcv": 2})
-    with pytest.raises(ArtifactError, match="ipcv op set version 2.*upgrade ipcv-deploy"):
+    with pytest.raises(ArtifactError, match=r"ipcv op set version 2.*upgrade ipcv-deploy"):
         load_artifact(artifact_copy)
 
 
 def test_not_an_artifact(tmp_path):
-    with pytest.raises(ArtifactError, match="has no manifest.json"):
+    with pytest.raises(ArtifactError, match=r"has no manifest.json"):
         load_artifact(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text("{not json")
-    with pytest.raises(ArtifactError, match="not valid JSON"):
+    with pytest.raises(ArtifactError, match=r"not valid JSON"):
         load_artifact(tmp_path)
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(ArtifactError, match="not an ipcv-deploy"):
+    with pytest.raises(ArtifactError, match=r"not an ipcv-deploy"):
         load_artifact(tmp_path)
 
 
@@ -72,7 +72,7 @@ def test_missing_manifest_fields_are_named(artifact_copy):
     manifest = json.loads((artifact_copy / MANIFEST_NAME).read_text())
     del manifest["image_size"]
     (artifact_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="missing \\['image_size'\\]"):
+    with pytest.raises(ArtifactError, match=r"missing \\['image_size'\\]"):
         load_artifact(artifact_copy)
 
 
@@ -80,7 +80,7 @@ def test_existing_output_needs_force_and_stays_untouched(ipcv_artifact):
     before = {p.name: p.stat().st_mtime_ns for p in ipcv_artifact.path.iterdir()}
     loaded = load_model("tiny-internvl", seed=0)
     options = ExportOptions(loaded.image_size, loaded.adapter.reference_ipcv())
-    with pytest.raises(ArtifactError, match="already exists; pass --force"):
+    with pytest.raises(ArtifactError, match=r"already exists; pass --force"):
         export_encoder(loaded, options, ipcv_artifact.path)
     assert {p.name: p.stat().st_mtime_ns for p in ipcv_artifact.path.iterdir()} == before
 
@@ -88,7 +88,7 @@ def test_existing_output_needs_force_and_stays_untouched(ipcv_artifact):
 def test_wrong_image_size_writes_nothing(tmp_path):
     loaded = load_model("tiny-qwen2-vl", seed=0)
     options = ExportOptions((230, 224), loaded.adapter.reference_ipcv())
-    with pytest.raises(InputError, match="multiples of patch x merge = 28"):
+    with pytest.raises(InputError, match=r"multiples of patch x merge = 28"):
         export_encoder(loaded, options, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
@@ -101,6 +101,6 @@ def test_a_failing_export_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "_torch_export", broken)
     loaded = load_model("tiny-internvl", dtype=torch.float32, seed=0)
     options = ExportOptions(loaded.image_size, loaded.adapter.reference_ipcv())
-    with pytest.raises(RuntimeError, match="conversion failed"):
+    with pytest.raises(RuntimeError, match=r"conversion failed"):
         export_encoder(loaded, options, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -102,7 +102,7 @@ def test_onnx_checker_and_shape_inference_pass(ipcv_artifact):
 
 def test_wrong_pixel_shape_is_refused(ipcv_artifact):
     pixels = reference_encoder(ipcv_artifact).inputs(1)
-    with pytest.raises(InputError, match="do not fit this artifact"):
+    with pytest.raises(InputError, match=r"do not fit this artifact"):
         OrtBackend(ipcv_artifact)(pixels[:, :-4])
 
 
@@ -110,5 +110,5 @@ def test_trt_only_artifact_cannot_run_on_onnx_runtime(tmp_path):
     from tests.export.conftest import export_tiny
 
     artifact = export_tiny("tiny-internvl", tmp_path / "trt", target="trt")
-    with pytest.raises(ArtifactError, match="no 'ort' flavour.*--target ort"):
+    with pytest.raises(ArtifactError, match=r"no 'ort' flavour.*--target ort"):
         OrtBackend(artifact)

@@ -1,0 +1,152 @@
+"""ONNX Runtime CPU benchmark: dense export vs IPCV export, PyTorch eager dense alongside.
+
+Each export runs in its own process (``python -m ipcv_deploy.cli export --json``), which
+reports its own peak RSS; ONNX Runtime's profiler attributes node time to the ``ipcv`` ops
+(inlined function nodes keep the ``_inlfunc_<OpType>`` prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ipcv_deploy.artifact import Artifact, load_artifact
+from ipcv_deploy.backends.onnxruntime_backend import OrtBackend
+from ipcv_deploy.backends.torch_backend import RowEncoder, TorchBackend
+from ipcv_deploy.bench.parity import compare
+from ipcv_deploy.bench.report import median_seconds, progress
+from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import IpcvError
+from ipcv_deploy.models import ImageSize, load_model
+from ipcv_deploy.ops import OP_SPECS
+
+__all__ = ["export_in_subprocess", "ipcv_op_share", "ort_latency"]
+
+_INLINED = re.compile(rf"^_inlfunc_({'|'.join(s.name for s in OP_SPECS)})_")
+
+
+def export_in_subprocess(args: list[str], out: Path) -> dict[str, Any]:
+    """``ipcv-export export ARGS --out OUT --force --json`` in a child: wall time, peak RSS.
+
+    The peak is the child's own ``VmHWM``, which it reports in its JSON output.
+    """
+    command = [sys.executable, "-m", "ipcv_deploy.cli", "export", *args, "--out", str(out)]
+    proc = subprocess.run(
+        [*command, "--force", "--json"], stdout=subprocess.PIPE, text=True, check=False
+    )
+    if proc.returncode:
+        raise IpcvError(f"export failed (exit {proc.returncode}): {' '.join(command)}")
+    result = json.loads(proc.stdout)
+    return {"seconds": result["elapsed_s"], "peak_rss_gb": result["peak_rss_gb"]}
+
+
+def ipcv_op_share(artifact: Artifact, pixels: torch.Tensor, runs: int, threads: int | None):
+    """Share of ONNX Runtime node time spent in the ``ipcv`` ops, per op, from its profiler."""
+    prefix = str(artifact.path / "ort_profile")
+    backend = OrtBackend(artifact, threads=threads, profile_prefix=prefix)
+    for _ in range(runs + 1):
+        backend(pixels)
+    profile = Path(backend.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    runs_seen = [e for e in events if e.get("name") == "model_run"]
+    first_run_end = runs_seen[0]["ts"] + runs_seen[0]["dur"] if runs_seen else 0
+    per_op: dict[str, float] = {s.name: 0.0 for s in OP_SPECS}
+    total = 0.0
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        if event["ts"] < first_run_end:  # the first run is warm-up
+            continue
+        total += event["dur"]
+        match = _INLINED.match(event["name"])
+        if match:
+            per_op[match.group(1)] += event["dur"]
+    share = {op: t / total for op, t in per_op.items()} if total else per_op
+    return sum(share.values()), share
+
+
+def ort_latency(
+    model: str,
+    config: IPCVConfig,
+    image_size: ImageSize,
+    workdir: Path,
+    runs: int = 5,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Export dense and IPCV, then time both on ONNX Runtime and the dense tower in PyTorch.
+
+    Returns:
+        JSON-ready medians (ms), speed-ups, the FLOP ratio, ``ipcv`` op share of ORT time,
+        export time and peak RSS, and IPCV-vs-dense / ORT-vs-PyTorch agreement.
+    """
+    size = f"{image_size[0]}x{image_size[1]}"
+    common = ["--model", model, "--image-size", size, "--seed", str(seed), "--target", "ort"]
+    ipcv_args = [
+        "--prune-layer",
+        str(config.prune_layer),
+        "--keep-ratio",
+        repr(config.keep_ratio),
+        "--as-layers",
+        str(config.as_layers),
+        "--num-neighbors",
+        str(config.num_neighbors),
+    ]
+    exports, artifacts = {}, {}
+    for variant, extra in (("dense", ["--dense"]), ("ipcv", ipcv_args)):
+        out = workdir / f"{Path(model).name}-{variant}"
+        progress(f"{model}: exporting {variant} to {out} ...")
+        exports[variant] = export_in_subprocess([*common, *extra], out)
+        artifacts[variant] = load_artifact(out, check_hashes=False)
+    loaded = load_model(model, seed=seed)
+    torch_dense = TorchBackend(RowEncoder(loaded, None, image_size))
+    pixels = torch_dense.encoder.inputs(1, seed)
+    medians, all_runs, outputs = {}, {}, {}
+    variants = {
+        "torch_dense": torch_dense,
+        "ort_dense": OrtBackend(artifacts["dense"], threads=threads),
+        "ort_ipcv": OrtBackend(artifacts["ipcv"], threads=threads),
+    }
+    for name, backend in variants.items():
+        progress(f"{model}: {name} x{runs}")
+        medians[name], times = median_seconds(lambda b=backend: b(pixels), runs, label=name)
+        all_runs[name] = [t * 1e3 for t in times]
+        outputs[name] = backend(pixels)["image_embeds"]
+    del variants
+    progress(f"{model}: profiling the IPCV session")
+    op_share, per_op = ipcv_op_share(artifacts["ipcv"], pixels, min(runs, 3), threads)
+    flops = artifacts["ipcv"].manifest.flops_per_image
+    flop_ratio = flops["dense"] / flops["exported"]
+    speedup = medians["ort_dense"] / medians["ort_ipcv"]
+    manifest = artifacts["ipcv"].manifest
+    return {
+        "model": model,
+        "image_size": list(image_size),
+        "tokens": [manifest.tokens_per_image, manifest.kept_per_image],
+        "ipcv": config.to_dict(),
+        "threads": threads or os.cpu_count(),
+        "runs": runs,
+        "latency_ms": {k: v * 1e3 for k, v in medians.items()},
+        "all_runs_ms": all_runs,
+        "speedup_ort": speedup,
+        "speedup_vs_torch_dense": medians["torch_dense"] / medians["ort_ipcv"],
+        "flop_ratio": flop_ratio,
+        "speedup_share_of_flop_ratio": speedup / flop_ratio,
+        "ipcv_op_share": op_share,
+        "ipcv_op_share_by_op": per_op,
+        "export": exports,
+        "parity": {
+            "ort_dense_vs_torch_dense": compare(
+                outputs["torch_dense"], outputs["ort_dense"]
+            ).to_dict(),
+            "ort_ipcv_vs_ort_dense": compare(outputs["ort_dense"], outputs["ort_ipcv"]).to_dict(),
+        },
+    }

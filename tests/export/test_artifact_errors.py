@@ -72,7 +72,7 @@ def test_missing_manifest_fields_are_named(artifact_copy):
     manifest = json.loads((artifact_copy / MANIFEST_NAME).read_text())
     del manifest["image_size"]
     (artifact_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match=r"missing \\['image_size'\\]"):
+    with pytest.raises(ArtifactError, match=r"missing \['image_size'\]"):
         load_artifact(artifact_copy)
 
 

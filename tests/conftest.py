@@ -1,14 +1,16 @@
-"""Shared fixtures: tiny seeded models per family and their example inputs."""
+"""Shared fixtures: tiny seeded models per family, their inputs, and their exports."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
+from ipcv_deploy.artifact import Artifact
 from ipcv_deploy.models import FamilyAdapter, LoadedModel, load_model
 
 hf_logging.set_verbosity_error()
@@ -42,3 +44,25 @@ def make_tiny(name: str, batch: int = 2, dtype: torch.dtype = torch.float32, see
 def tiny(request: pytest.FixtureRequest) -> Tiny:
     """Each tiny family, batch of 2, fp32."""
     return make_tiny(request.param)
+
+
+def export_tiny(name: str, out: Path, dense: bool = False, **options) -> Artifact:
+    from ipcv_deploy.export import ExportOptions, export_encoder
+
+    loaded = load_model(name, dtype=torch.float32, seed=0)
+    config = None if dense else loaded.adapter.reference_ipcv()
+    return export_encoder(loaded, ExportOptions(loaded.image_size, config, **options), out)
+
+
+@pytest.fixture(scope="session", params=TINY)
+def ipcv_artifact(request, tmp_path_factory) -> Artifact:
+    """Each tiny family, IPCV at the reference settings, both flavours, kept indices out."""
+    out = tmp_path_factory.mktemp("artifacts") / f"{request.param}-ipcv"
+    return export_tiny(request.param, out, return_indices=True)
+
+
+@pytest.fixture(scope="session", params=TINY)
+def dense_artifact(request, tmp_path_factory) -> Artifact:
+    """Each tiny family, dense, ONNX Runtime flavour only."""
+    out = tmp_path_factory.mktemp("artifacts") / f"{request.param}-dense"
+    return export_tiny(request.param, out, dense=True, target="ort")

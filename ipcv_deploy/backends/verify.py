@@ -150,15 +150,18 @@ def verify_artifact(
     seed: int = 0,
     rtol: float | None = None,
     threads: int | None = None,
+    engine_dir: Path | None = None,
 ) -> ParityReport:
-    """Run seeded inputs through PyTorch and ONNX Runtime and compare.
+    """Run seeded inputs through PyTorch and ONNX Runtime (or a TensorRT engine) and compare.
 
     Args:
         artifact: a loaded artifact with the ``ort`` flavour.
         batch: images per call (exercises the dynamic batch).
         seed: seed of the random pixels.
-        rtol: max |diff| / max |ref| allowed; default 1e-5 for fp32, 1e-2 for fp16 / bf16.
+        rtol: max |diff| / max |ref| allowed; default 1e-5 for fp32, 1e-2 for fp16 / bf16
+            (and for TensorRT engines, which may run reduced precision).
         threads: ONNX Runtime intra-op threads.
+        engine_dir: compare this TensorRT engine (outputs only) instead of ONNX Runtime.
 
     Returns:
         The ``ParityReport``; ``report.passed`` says whether the artifact is faithful.
@@ -168,12 +171,21 @@ def verify_artifact(
     if batch < 1:
         raise InputError(f"batch must be >= 1, got {batch}")
     if rtol is None:
-        rtol = 1e-5 if artifact.manifest.dtype == "float32" else 1e-2
+        exact = artifact.manifest.dtype == "float32" and engine_dir is None
+        rtol = 1e-5 if exact else 1e-2
     encoder = reference_encoder(artifact)
     pixels = encoder.inputs(batch, seed)
     recorder = _IpcvRecorder()
     with recorder:
         expected = TorchBackend(encoder)(pixels)
+    if engine_dir is not None:
+        from ipcv_deploy.trt.runner import TrtBackend
+
+        report = ParityReport(str(artifact.path), "torch", "tensorrt", batch, seed, rtol)
+        got = TrtBackend(engine_dir)(pixels)
+        for name in encoder.output_names:
+            report.outputs.append(_check(name, expected[name], got[name], rtol, sets=False))
+        return report
     report = ParityReport(str(artifact.path), "torch", "onnxruntime", batch, seed, rtol)
     model, nodes = _with_op_outputs(artifact)
     got = OrtBackend(artifact, threads=threads, model=model)(pixels)

@@ -16,9 +16,16 @@ __all__ = ["main"]
 
 
 def _commands() -> dict[str, ModuleType]:
-    from ipcv_deploy.cli import bench, demo, export, inspect, verify
+    from ipcv_deploy.cli import bench, build, demo, export, inspect, verify
 
-    return {"demo": demo, "export": export, "verify": verify, "inspect": inspect, "bench": bench}
+    return {
+        "demo": demo,
+        "export": export,
+        "verify": verify,
+        "inspect": inspect,
+        "build": build,
+        "bench": bench,
+    }
 
 
 def _parser(commands: dict[str, ModuleType]) -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """Show what an artifact holds: model, image grid, IPCV settings, graph I/O, ipcv nodes, files.
 
-Checks every file against the manifest's hash on the way.
+Checks every file against the manifest's hash on the way. --trt-check also runs the static
+TensorRT check on the TensorRT flavour (no TensorRT needed): exit 1 when it finds errors.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from ipcv_deploy.ops import DOMAIN
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``inspect``."""
     parser.add_argument("artifact", type=Path, help="directory written by `ipcv-export export`")
+    parser.add_argument(
+        "--trt-check", action="store_true", help="will TensorRT's ONNX parser accept the graph?"
+    )
+    parser.add_argument(
+        "--precision", default="fp16", choices=["fp32", "fp16", "bf16"], help="for --trt-check"
+    )
     add_output_args(parser)
 
 
@@ -36,9 +43,12 @@ def run(args: argparse.Namespace) -> int:
     artifact = load_artifact(args.artifact)
     nodes = ipcv_nodes(artifact)
     m = artifact.manifest
+    check = _trt_check(artifact, args.precision) if args.trt_check else None
+    code = 0 if check is None or check.passed else 1
     if args.json:
-        print_json({"artifact": str(args.artifact), "ipcv_nodes": nodes, **m.to_dict()})
-        return 0
+        extra = {"trt_check": check.to_dict()} if check else {}
+        print_json({"artifact": str(args.artifact), "ipcv_nodes": nodes, **m.to_dict(), **extra})
+        return code
     source = ", ".join(f"{k} {v}" for k, v in m.source.items())
     print(f"{args.artifact}: {m.family} ({m.model_type}) vision encoder, {m.dtype}")
     print(f"  source: {source}")
@@ -63,4 +73,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {flavour} flavour {name}: ipcv nodes {ops}")
     for name, entry in m.files.items():
         print(f"  file {name}: {entry.bytes / 2**20:.1f} MiB, sha256 {entry.sha256[:16]}... ok")
-    return 0
+    if check is not None:
+        flavour = "trt" if "trt" in m.flavours else "ort"
+        verdict = "accepted" if check.passed else "REJECTED"
+        print(
+            f"TensorRT check ({m.flavours[flavour]}, {args.precision}): {verdict}; "
+            f"{check.ipcv_nodes} ipcv plugin nodes, {check.fp32_pinned_layers} layers kept in fp32"
+        )
+        for f in check.findings:
+            print(f"  {f.severity}: [{f.rule}] {f.node}: {f.message}")
+    return code
+
+
+def _trt_check(artifact: Artifact, precision: str):
+    import onnx
+
+    from ipcv_deploy.trt.check import check_model
+
+    flavour = "trt" if "trt" in artifact.manifest.flavours else "ort"
+    model = onnx.load(str(artifact.flavour_file(flavour)), load_external_data=False)
+    return check_model(model, precision)

@@ -1,7 +1,8 @@
 """Prove an artifact computes what PyTorch computes: outputs and every ipcv op, on ONNX Runtime.
 
 Seeded inputs go through the PyTorch reference (rebuilt from the manifest's source) and the
-artifact's ONNX Runtime flavour. Exit code 1 when any check fails.
+artifact's ONNX Runtime flavour (or, with --backend trt, its TensorRT engine: outputs only).
+Exit code 1 when any check fails.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rtol", type=float, help="max |diff| / max |ref| (default 1e-5 fp32, 1e-2 half)"
     )
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    parser.add_argument(
+        "--backend", choices=["ort", "trt"], default="ort", help="candidate backend (default ort)"
+    )
+    parser.add_argument(
+        "--engine", type=Path, help="engine directory for --backend trt (default DIR/trt-fp16)"
+    )
     add_output_args(parser)
 
 
@@ -33,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     progress(f"checking {args.artifact} ...")
     artifact = load_artifact(args.artifact)
     progress("running PyTorch and ONNX Runtime on the same inputs ...")
-    report = verify_artifact(artifact, args.batch, args.seed, args.rtol, args.threads)
+    engine = None
+    if args.backend == "trt":
+        engine = args.engine or args.artifact / "trt-fp16"
+    report = verify_artifact(artifact, args.batch, args.seed, args.rtol, args.threads, engine)
     if args.json:
         print_json(report.to_dict())
         return 0 if report.passed else 1

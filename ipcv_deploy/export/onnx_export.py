@@ -114,7 +114,8 @@ def _flavour(base: onnx.ModelProto, flavour: str) -> onnx.ModelProto:
     model.ir_version = _IR_VERSION
     del model.functions[:]
     if flavour == "ort":
-        model.functions.extend(function_protos(ONNX_OPSET))
+        used = {node.op_type for node in _ipcv_nodes(model)}
+        model.functions.extend(f for f in function_protos(ONNX_OPSET) if f.name in used)
     else:
         for node in _ipcv_nodes(model):
             node.attribute.extend(

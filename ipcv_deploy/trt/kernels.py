@@ -23,6 +23,8 @@ __all__ = [
     "PLUGIN_DIR",
     "CudaKernels",
     "build_kernel_library",
+    "cuda_include_dir",
+    "find_nvcc",
 ]
 
 PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugins"
@@ -44,6 +46,14 @@ def find_nvcc() -> str:
     raise BackendUnavailableError(
         "nvcc not found; install the CUDA toolkit or set CUDACXX to compile the ipcv kernels"
     )
+
+
+def cuda_include_dir() -> Path | None:
+    """The CUDA toolkit's include directory (``$CUDA_HOME``, ``$CUDA_PATH``, /usr/local/cuda)."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(root) / "include"
+    return None
 
 
 def build_kernel_library(out_dir: Path, archs: Sequence[str] = DEFAULT_ARCHS) -> Path:

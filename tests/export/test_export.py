@@ -107,7 +107,7 @@ def test_wrong_pixel_shape_is_refused(ipcv_artifact):
 
 
 def test_trt_only_artifact_cannot_run_on_onnx_runtime(tmp_path):
-    from tests.export.conftest import export_tiny
+    from tests.conftest import export_tiny
 
     artifact = export_tiny("tiny-internvl", tmp_path / "trt", target="trt")
     with pytest.raises(ArtifactError, match=r"no 'ort' flavour.*--target ort"):

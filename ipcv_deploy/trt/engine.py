@@ -1,0 +1,162 @@
+"""Engine directories: build settings, profiles, the engine manifest and the cache rule.
+
+The cache rule decides when a built engine may be reused. Pure Python (no TensorRT).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ipcv_deploy.artifact import Artifact, sha256_of
+from ipcv_deploy.errors import ArtifactError, ConfigError
+
+__all__ = [
+    "ENGINE_FILE",
+    "ENGINE_MANIFEST",
+    "PLUGIN_LIBRARY",
+    "PRECISIONS",
+    "BatchProfile",
+    "BuildSettings",
+    "EngineKey",
+    "engine_key",
+    "read_engine_manifest",
+    "rebuild_reason",
+]
+
+ENGINE_FILE = "vision.engine"
+ENGINE_MANIFEST = "engine.json"
+PLUGIN_LIBRARY = "libipcv_trt_plugins.so"
+TIMING_CACHE = "timing.cache"
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """One optimization profile over the batch (images per call): min <= opt <= max."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ConfigError(
+                f"batch profile needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> BatchProfile:
+        """``"1:4:8"`` (min:opt:max) or ``"4"`` (1:4:4)."""
+        try:
+            parts = [int(p) for p in text.split(":")]
+        except ValueError:
+            parts = []
+        if len(parts) == 1:
+            return cls(1, parts[0], parts[0])
+        if len(parts) != 3:
+            raise ConfigError(f"batch profile must look like 1:4:8 (min:opt:max), got {text!r}")
+        return cls(*parts)
+
+    def shapes(self, input_shape: tuple[int | str, ...]) -> tuple[tuple[int, ...], ...]:
+        """(min, opt, max) input shapes: the manifest's shape with each batch size."""
+        rest = tuple(int(d) for d in input_shape[1:])
+        return tuple((b, *rest) for b in (self.min, self.opt, self.max))
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What the user asks of a build."""
+
+    precision: str = "fp16"
+    profiles: tuple[BatchProfile, ...] = (BatchProfile(1, 1, 4),)
+    workspace_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if not self.profiles:
+            raise ConfigError("at least one batch profile is needed")
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything an engine depends on: change any one and the engine must be rebuilt.
+
+    Engines are not portable across TensorRT versions, GPUs (SM) or JetPack releases, and
+    depend on the exact graph, weights, plugin library, precision and profiles.
+    """
+
+    tensorrt_version: str
+    gpu_sm: str
+    precision: str
+    profiles: tuple[tuple[int, int, int], ...]
+    onnx_sha256: str
+    weights_sha256: str
+    plugin_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def engine_key(
+    artifact: Artifact, settings: BuildSettings, plugin: Path, tensorrt_version: str, gpu_sm: str
+) -> EngineKey:
+    """The key of building ``artifact``'s TensorRT flavour with ``settings`` here."""
+    onnx_name = artifact.manifest.flavours.get("trt")
+    if onnx_name is None:
+        raise ArtifactError(
+            f"{artifact.path} has no TensorRT flavour; re-export with --target trt or --target all"
+        )
+    weights = [n for n in artifact.manifest.files if n.endswith(".data")]
+    return EngineKey(
+        tensorrt_version=tensorrt_version,
+        gpu_sm=gpu_sm,
+        precision=settings.precision,
+        profiles=tuple((p.min, p.opt, p.max) for p in settings.profiles),
+        onnx_sha256=artifact.manifest.files[onnx_name].sha256,
+        weights_sha256=artifact.manifest.files[weights[0]].sha256 if weights else "",
+        plugin_sha256=sha256_of(plugin),
+    )
+
+
+def read_engine_manifest(engine_dir: Path) -> dict[str, Any] | None:
+    """The engine directory's manifest, or ``None`` when there is no usable one."""
+    path = engine_dir / ENGINE_MANIFEST
+    if not (path.is_file() and (engine_dir / ENGINE_FILE).is_file()):
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+_LABELS = {
+    "tensorrt_version": "TensorRT version",
+    "gpu_sm": "GPU (SM)",
+    "precision": "precision",
+    "profiles": "batch profiles",
+    "onnx_sha256": "ONNX graph",
+    "weights_sha256": "weights",
+    "plugin_sha256": "plugin library",
+}
+
+
+def rebuild_reason(cached: dict[str, Any] | None, wanted: EngineKey) -> str | None:
+    """Why a cached engine cannot serve ``wanted`` (``None``: reuse it)."""
+    if cached is None:
+        return "no engine built yet"
+    have = cached.get("key", {})
+    for name, label in _LABELS.items():
+        want = getattr(wanted, name)
+        got = have.get(name)
+        if name == "profiles":
+            got = tuple(tuple(p) for p in got or ())
+        if got != want:
+            return f"{label} differs (engine: {got}, now: {want})"
+    return None

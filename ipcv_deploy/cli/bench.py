@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (--ort)")
     parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="ipcv CUDA kernels vs the PyTorch ops (needs a GPU; nvcc unless --kernel-lib)",
+    )
+    parser.add_argument("--kernel-lib", type=Path, help="prebuilt libipcv_kernels.so (--kernels)")
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=Path("engines") / "bench",
@@ -62,8 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the requested benchmarks over the models."""
+    if args.kernels:
+        return _run_kernels(args)
     if not (args.flops or args.latency or args.ort):
-        raise ConfigError("pick at least one benchmark: --flops, --latency and/or --ort")
+        raise ConfigError("pick at least one benchmark: --flops, --latency, --ort or --kernels")
     if args.batch < 1 or args.runs < 1:
         raise ConfigError(f"--batch and --runs must be >= 1, got {args.batch} and {args.runs}")
     names = args.models or ([args.model] if args.model else list(BENCHMARK_PRESETS))
@@ -183,3 +191,35 @@ def _print_ort(results: dict[str, Any], runs: int) -> None:
         f"{BENCHMARK_PRESETS[0]}, ipcv ops <= {ORT_OP_SHARE_GOAL:.0%} of encoder time, "
         f"export RSS <= {EXPORT_RSS_GOAL_GB:.0f} GB)"
     )
+
+
+def _run_kernels(args: argparse.Namespace) -> int:
+    from ipcv_deploy.bench.kernels import kernel_report
+    from ipcv_deploy.trt.kernels import build_kernel_library
+
+    library = args.kernel_lib or build_kernel_library(args.workdir / "kernels")
+    report = {"machine": machine_info(), "kernels": kernel_report(library, runs=max(args.runs, 5))}
+    out = args.out or Path("engines") / "bench" / "kernels.json"
+    write_json(out, report)
+    if args.json:
+        print_json(report)
+        return 0
+    k = report["kernels"]
+    print(
+        f"ipcv CUDA kernels on {k['gpu']}, {k['dtype']}, copy bandwidth {k['copy_gbps']:.0f} GB/s"
+    )
+    rows = [
+        [
+            r["shape"],
+            r["op"],
+            "yes" if r["matches_reference"] else "NO",
+            f"{r['kernel_ms']:.3f}",
+            f"{r['torch_ms']:.3f}",
+            f"{r['bandwidth_floor_ms']:.3f}",
+        ]
+        for r in k["rows"]
+    ]
+    headers = ["shape", "op", "= reference", "kernel ms", "torch op ms", "bandwidth floor ms"]
+    print(format_table(headers, rows))
+    print(f"\nwrote {out}")
+    return 0

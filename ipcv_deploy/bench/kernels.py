@@ -16,18 +16,28 @@ import torch
 
 from ipcv_deploy.compression import gather_tokens
 from ipcv_deploy.errors import BackendUnavailableError
+from ipcv_deploy.models import BENCHMARK_PRESETS, load_model
 from ipcv_deploy.ops import neighbor_index, neighbor_reconstruct, token_select
 from ipcv_deploy.trt.kernels import CudaKernels
 
-__all__ = ["KERNEL_SHAPES", "kernel_report"]
+__all__ = ["kernel_report", "kernel_shapes"]
 
-#: (label, batch, tokens, width, kept, prefix): the benchmark encoders at 448x448.
-KERNEL_SHAPES = (
-    ("qwen2-vl-7b-vit", 1, 1024, 1280, 358, 0),
-    ("qwen2-vl-7b-vit x8", 8, 1024, 1280, 358, 0),
-    ("internvit-300m", 1, 1025, 1024, 359, 1),
-    ("16k tokens, keep 5000", 1, 16384, 1280, 5000, 0),
-)
+#: A shape beyond TensorRT's TopK limit: (label, batch, tokens, width, kept, prefix).
+LARGE_SHAPE = ("16k tokens, keep 5000", 1, 16384, 1280, 5000, 0)
+
+
+def kernel_shapes() -> list[tuple[str, int, int, int, int, int]]:
+    """The benchmark encoders at their reference IPCV settings (batch 1 and 8), and a large case."""
+    shapes = []
+    for name in BENCHMARK_PRESETS:
+        loaded = load_model(name, weights=False)
+        adapter = loaded.adapter(loaded.vision)
+        shape = adapter.encoder_shape(loaded.image_size)
+        kept = loaded.adapter.reference_ipcv().kept_count(shape.tokens, shape.num_prefix)
+        for batch in (1, 8):
+            label = f"{name} x{batch}"
+            shapes.append((label, batch, shape.tokens, shape.width, kept, shape.num_prefix))
+    return [*shapes, LARGE_SHAPE]
 
 
 def _cuda_ms(fn: Callable[[], object], runs: int) -> float:
@@ -103,13 +113,15 @@ def _rows_for_shape(
 def kernel_report(
     library: Path, runs: int = 20, dtype: torch.dtype = torch.float16
 ) -> dict[str, Any]:
-    """Time and check the three kernels at ``KERNEL_SHAPES`` on CUDA device 0."""
+    """Time and check the three kernels at ``kernel_shapes()`` on CUDA device 0."""
     if not torch.cuda.is_available():
         raise BackendUnavailableError("the kernel benchmark needs a CUDA GPU")
     kernels = CudaKernels(library)
     gbps = _copy_gbps()
     rows = [
-        row for shape in KERNEL_SHAPES for row in _rows_for_shape(kernels, shape, dtype, gbps, runs)
+        row
+        for shape in kernel_shapes()
+        for row in _rows_for_shape(kernels, shape, dtype, gbps, runs)
     ]
     return {
         "gpu": torch.cuda.get_device_name(0),

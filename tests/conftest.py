@@ -15,7 +15,7 @@ from ipcv_deploy.models import FamilyAdapter, LoadedModel, load_model
 
 hf_logging.set_verbosity_error()
 
-TINY = ("tiny-qwen2-vl", "tiny-internvl")
+TINY = ("tiny-qwen2-vl", "tiny-internvl", "tiny-llava")
 
 
 @dataclass
@@ -66,3 +66,15 @@ def dense_artifact(request, tmp_path_factory) -> Artifact:
     """Each tiny family, dense, ONNX Runtime flavour only."""
     out = tmp_path_factory.mktemp("artifacts") / f"{request.param}-dense"
     return export_tiny(request.param, out, dense=True, target="ort")
+
+
+def hf_image_features(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+    """What the transformers model hands its LLM for row-form ``pixels`` (one image per row)."""
+    with torch.no_grad():
+        if loaded.adapter.family == "Qwen2-VL":  # packed patches + grid, as the processor gives
+            side = loaded.image_size[0] // loaded.vision.config.patch_size
+            grid = torch.tensor([[1, side, side]] * pixels.shape[0])
+            out = loaded.vision(pixels.flatten(0, 1), grid_thw=grid).pooler_output
+            return out.view(pixels.shape[0], -1, out.shape[-1])
+        features = loaded.model.model.get_image_features(pixels).pooler_output
+        return torch.stack(features) if isinstance(features, (list, tuple)) else features

@@ -2,7 +2,7 @@
 
 Also built-in presets and checkpoint loading: the only code that knows transformers classes.
 
-Families: Qwen2-VL (``qwen2_vl``), InternVL3 (``internvl``).
+Families: Qwen2-VL (``qwen2_vl``), InternVL3 (``internvl``), LLaVA-1.5 with CLIP (``llava``).
 """
 
 from ipcv_deploy.models.base import (
@@ -14,6 +14,7 @@ from ipcv_deploy.models.base import (
     supported_model_types,
 )
 from ipcv_deploy.models.internvl import InternVLAdapter
+from ipcv_deploy.models.llava import LlavaAdapter
 from ipcv_deploy.models.presets import (
     BENCHMARK_PRESETS,
     DEFAULT_PRESET,
@@ -34,6 +35,7 @@ __all__ = [
     "FamilyAdapter",
     "ImageSize",
     "InternVLAdapter",
+    "LlavaAdapter",
     "LoadedModel",
     "ModelPreset",
     "Qwen2VLAdapter",

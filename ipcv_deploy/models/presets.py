@@ -10,12 +10,17 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import InternVLVisionConfig, InternVLVisionModel
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    InternVLVisionConfig,
+    InternVLVisionModel,
+)
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from ipcv_deploy.errors import ArtifactError, ConfigError, UnsupportedModelError
-from ipcv_deploy.models import internvl, qwen2_vl
+from ipcv_deploy.models import internvl, llava, qwen2_vl
 from ipcv_deploy.models.base import FamilyAdapter, ImageSize, get_adapter
 
 __all__ = [
@@ -90,6 +95,14 @@ PRESETS: dict[str, ModelPreset] = {
             full_model=True,
         ),
         ModelPreset(
+            "tiny-llava",
+            "llava",
+            (112, 112),
+            "7-block CLIP ViT (width 64) + 2-layer Llama LLM, for tests",
+            _full("llava", llava.tiny_config),
+            full_model=True,
+        ),
+        ModelPreset(
             "qwen2-vl-7b-vit",
             "qwen2_vl",
             (448, 448),
@@ -104,6 +117,24 @@ PRESETS: dict[str, ModelPreset] = {
             "InternViT-300M of InternVL3-8B (24 layers, width 1024), no LLM",
             lambda: InternVLVisionModel(
                 InternVLVisionConfig(attention_bias=True, layer_scale_init_value=0.1)
+            ),
+            full_model=False,
+        ),
+        ModelPreset(
+            "clip-vit-l-336",
+            "llava",
+            (336, 336),
+            "CLIP ViT-L/14-336 of LLaVA-1.5 (24 layers, width 1024; features of layer 23), no LLM",
+            lambda: CLIPVisionModel(
+                CLIPVisionConfig(
+                    hidden_size=1024,
+                    intermediate_size=4096,
+                    num_hidden_layers=24,
+                    num_attention_heads=16,
+                    image_size=336,
+                    patch_size=14,
+                    projection_dim=768,
+                )
             ),
             full_model=False,
         ),

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ipcv_deploy.api import apply_ipcv
 from ipcv_deploy.backends import RowEncoder, TorchBackend
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.models import load_model
-from tests.conftest import TINY
+from tests.conftest import TINY, hf_image_features
 from tests.parity import assert_close, assert_same_indices
-
-
-def _hf_features(loaded, pixels: torch.Tensor) -> torch.Tensor:
-    """What the transformers model hands the LLM for these row-form pixels."""
-    with torch.no_grad():
-        if loaded.adapter.family == "Qwen2-VL":
-            side = loaded.image_size[0] // loaded.vision.config.patch_size
-            grid = torch.tensor([[1, side, side]] * pixels.shape[0])
-            out = loaded.vision(pixels.flatten(0, 1), grid_thw=grid).pooler_output
-            return out.view(pixels.shape[0], -1, out.shape[-1])
-        return loaded.model.model.get_image_features(pixels).pooler_output
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -38,7 +26,7 @@ def test_row_form_equals_transformers_with_and_without_ipcv(name, keep_ratio):
     got = TorchBackend(encoder)(pixels)["image_embeds"]
     if config is not None:
         apply_ipcv(loaded.vision, config)
-    assert_close(got, _hf_features(loaded, pixels), what="row form vs transformers")
+    assert_close(got, hf_image_features(loaded, pixels), what="row form vs transformers")
     if keep_ratio == 1.0:
         dense = TorchBackend(RowEncoder(loaded, None))(pixels)["image_embeds"]
         assert_close(got, dense, what="keep 1.0 vs dense")

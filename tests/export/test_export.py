@@ -11,6 +11,7 @@ from ipcv_deploy.backends.verify import reference_encoder, verify_artifact
 from ipcv_deploy.errors import ArtifactError, InputError
 from ipcv_deploy.models import load_model
 from ipcv_deploy.ops import DOMAIN, OP_SPECS, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from tests.conftest import hf_image_features
 from tests.parity import assert_close, assert_same_indices
 
 
@@ -55,13 +56,7 @@ def test_dense_export_equals_dense_transformers_model(dense_artifact):
     loaded = load_model(dense_artifact.manifest.source["preset"], seed=0)
     pixels = reference_encoder(dense_artifact).inputs(2, seed=3)
     got = OrtBackend(dense_artifact)(pixels)["image_embeds"]
-    with torch.no_grad():
-        if loaded.adapter.family == "Qwen2-VL":  # packed patches + grid, as the processor gives
-            side = loaded.image_size[0] // loaded.vision.config.patch_size
-            grid = torch.tensor([[1, side, side]] * 2)
-            want = loaded.vision(pixels.flatten(0, 1), grid_thw=grid).pooler_output
-        else:
-            want = loaded.model.model.get_image_features(pixels).pooler_output
+    want = hf_image_features(loaded, pixels)
     assert_close(got, want.reshape(got.shape), rtol=1e-5, what="dense ONNX vs transformers")
 
 

@@ -23,14 +23,14 @@ from tests.conftest import TINY, make_tiny
 from tests.parity import assert_close
 
 
-def test_registry_lists_both_reference_families():
-    assert supported_model_types() == ["internvl", "qwen2_vl"]
+def test_registry_lists_the_families():
+    assert supported_model_types() == ["internvl", "llava", "qwen2_vl"]
     with pytest.raises(
         UnsupportedModelError,
-        match=r"model_type 'llava' is not supported; "
-        r"supported: InternVL3 \(internvl\); Qwen2-VL \(qwen2_vl\)",
+        match=r"model_type 'paligemma' is not supported; supported: InternVL3 \(internvl\); "
+        r"LLaVA-1.5 \(CLIP\) \(llava\); Qwen2-VL \(qwen2_vl\)",
     ):
-        get_adapter("llava")
+        get_adapter("paligemma")
 
 
 def test_apply_ipcv_refuses_unknown_modules():
@@ -88,8 +88,8 @@ def _prompt(name: str, tiny) -> dict:
             "image_grid_thw": tiny.kwargs["grid_thw"],
             "input_ids": torch.tensor([ids]),
         }
-    per_tile = (112 // 28) ** 2
-    ids = [1, 5] + [310] * per_tile * 2 + [7, 8]
+    per_image = tiny.loaded.model.config.image_seq_length  # InternVL tiles, LLaVA images
+    ids = [1, 5] + [310] * per_image * 2 + [7, 8]
     return {"pixel_values": tiny.args[0], "input_ids": torch.tensor([ids])}
 
 
@@ -170,3 +170,16 @@ def test_remove_ipcv_restores_dense():
     remove_ipcv(tiny.loaded.vision)
     assert not hasattr(tiny.loaded.vision, "ipcv_config")
     assert torch.equal(tiny.dense(), dense)
+
+
+def test_llava_runs_only_the_blocks_up_to_its_feature_layer():
+    tiny = make_tiny("tiny-llava")
+    adapter = tiny.adapter
+    assert adapter.depth == len(tiny.loaded.vision.encoder.layers) - 1  # vision_feature_layer -2
+    apply_ipcv(tiny.loaded.model)
+    with torch.no_grad():
+        out = tiny.loaded.vision(tiny.args[0], output_hidden_states=-2)
+    assert out.hidden_states[-2] is out.last_hidden_state
+    assert all(h is None for i, h in enumerate(out.hidden_states) if i != adapter.depth)
+    with pytest.raises(ConfigError, match="only has the feature layer's hidden states"):
+        tiny.loaded.vision(tiny.args[0], output_hidden_states=True)

@@ -15,7 +15,7 @@ from ipcv_deploy.models import FamilyAdapter, LoadedModel, load_model
 
 hf_logging.set_verbosity_error()
 
-TINY = ("tiny-qwen2-vl", "tiny-internvl", "tiny-llava")
+TINY = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl", "tiny-llava", "tiny-paligemma")
 
 
 @dataclass
@@ -71,7 +71,7 @@ def dense_artifact(request, tmp_path_factory) -> Artifact:
 def hf_image_features(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
     """What the transformers model hands its LLM for row-form ``pixels`` (one image per row)."""
     with torch.no_grad():
-        if loaded.adapter.family == "Qwen2-VL":  # packed patches + grid, as the processor gives
+        if loaded.adapter.head_is_projector:  # Qwen: packed patches + grid, as the processor gives
             side = loaded.image_size[0] // loaded.vision.config.patch_size
             grid = torch.tensor([[1, side, side]] * pixels.shape[0])
             out = loaded.vision(pixels.flatten(0, 1), grid_thw=grid).pooler_output

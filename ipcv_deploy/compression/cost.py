@@ -29,6 +29,9 @@ class EncoderShape:
         num_prefix: tokens always kept (CLS).
         embed_flops: patch embedding FLOPs per image.
         head_flops: merger / final projection FLOPs per image (inside the vision module).
+        window: tokens per attention window in windowed blocks (``None``: every block attends
+            over the whole image).
+        full_attention_blocks: with ``window``, the blocks that still attend over the image.
     """
 
     depth: int
@@ -39,6 +42,19 @@ class EncoderShape:
     num_prefix: int
     embed_flops: int
     head_flops: int
+    window: int | None = None
+    full_attention_blocks: tuple[int, ...] = ()
+
+    def span(self, index: int, keys: int, pruned: bool) -> int:
+        """Keys each query of block ``index`` computes scores for, of ``keys`` per image.
+
+        Dense windowed blocks attend within their window. Once tokens are pruned, the kept
+        count per window varies, so windowed blocks run as a same-window mask over the whole
+        image and cost full-image attention.
+        """
+        if self.window is None or index in self.full_attention_blocks or pruned:
+            return keys
+        return self.window
 
 
 @dataclass(frozen=True)
@@ -66,12 +82,14 @@ class FlopBreakdown:
         return {**asdict(self), "blocks": self.blocks, "total": self.total}
 
 
-def _block(shape: EncoderShape, queries: int, keys: int, mlp_rows: int) -> tuple[int, int]:
+def _block(
+    shape: EncoderShape, index: int, queries: int, keys: int, mlp_rows: int, pruned: bool = False
+) -> tuple[int, int]:
     d = shape.width
     linear = 2 * queries * d * d + 2 * keys * d * 2 * d  # q, then k and v
     linear += 2 * queries * d * d  # output projection
     linear += 2 * mlp_rows * d * shape.mlp_hidden * shape.mlp_matrices
-    attention = 2 * 2 * queries * keys * d  # QK^T and AV
+    attention = 2 * 2 * queries * shape.span(index, keys, pruned) * d  # QK^T and AV
     return linear, attention
 
 
@@ -93,14 +111,11 @@ def encoder_flops(
     n = shape.tokens
     linear = attention = ops = 0
     if config is None:
-        block_linear, block_attention = _block(shape, n, n, n)
-        return FlopBreakdown(
-            shape.embed_flops,
-            shape.depth * block_linear,
-            shape.depth * block_attention,
-            0,
-            shape.head_flops,
-        )
+        for index in range(shape.depth):
+            block_linear, block_attention = _block(shape, index, n, n, n)
+            linear += block_linear
+            attention += block_attention
+        return FlopBreakdown(shape.embed_flops, linear, attention, 0, shape.head_flops)
     config.check_depth(shape.depth)
     p = config.kept_count(n, shape.num_prefix)
     r = n - p
@@ -108,14 +123,19 @@ def encoder_flops(
     d = shape.width
     as_blocks = min(config.as_layers, shape.depth - config.prune_layer)
     pruned_blocks = shape.depth - config.prune_layer - as_blocks
-    for count, queries, keys, mlp_rows in (
+    stages = (
         (config.prune_layer, n, n, n),
         (as_blocks, p if form == "kept_query" else n, n, p),
         (pruned_blocks, p, p, p),
-    ):
-        block_linear, block_attention = _block(shape, queries, keys, mlp_rows)
-        linear += count * block_linear
-        attention += count * block_attention
+    )
+    index = 0
+    for count, queries, keys, mlp_rows in stages:
+        for _ in range(count):
+            pruned = index >= config.prune_layer
+            block_linear, block_attention = _block(shape, index, queries, keys, mlp_rows, pruned)
+            linear += block_linear
+            attention += block_attention
+            index += 1
     ops += 3 * n * d  # selection score
     ops += 2 * r * p * d + 3 * (r + p) * d  # kNN distances
     ops += (as_blocks + 1) * (p * d + r * k * d + r * d)  # each NGR rebuild

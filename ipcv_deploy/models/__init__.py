@@ -2,7 +2,8 @@
 
 Also built-in presets and checkpoint loading: the only code that knows transformers classes.
 
-Families: Qwen2-VL (``qwen2_vl``), InternVL3 (``internvl``), LLaVA-1.5 with CLIP (``llava``).
+Families: Qwen2-VL (``qwen2_vl``), InternVL3 (``internvl``), LLaVA-1.5 with CLIP (``llava``),
+PaliGemma with SigLIP (``paligemma``), Qwen2.5-VL (``qwen2_5_vl``).
 """
 
 from ipcv_deploy.models.base import (
@@ -25,7 +26,9 @@ from ipcv_deploy.models.presets import (
     load_model,
     parse_dtype,
 )
+from ipcv_deploy.models.qwen2_5_vl import Qwen25VLAdapter
 from ipcv_deploy.models.qwen2_vl import Qwen2VLAdapter
+from ipcv_deploy.models.siglip import SiglipAdapter
 
 __all__ = [
     "BENCHMARK_PRESETS",
@@ -39,6 +42,8 @@ __all__ = [
     "LoadedModel",
     "ModelPreset",
     "Qwen2VLAdapter",
+    "Qwen25VLAdapter",
+    "SiglipAdapter",
     "adapter_for_module",
     "get_adapter",
     "load_model",

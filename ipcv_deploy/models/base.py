@@ -190,7 +190,7 @@ def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
 
 def _families() -> str:
     seen = dict.fromkeys(f"{a.family} ({', '.join(a.model_types)})" for a in ADAPTERS.values())
-    return "; ".join(seen)
+    return "; ".join(sorted(seen))
 
 
 def supported_model_types() -> list[str]:

@@ -16,11 +16,12 @@ from torch import nn
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ipcv_deploy.compression import EncodedInput, TokenSet, gather_tokens, segment_attention
+from ipcv_deploy.compression import EncodedInput, TokenSet
 from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ConfigError, InputError, UnsupportedModelError
 from ipcv_deploy.models.base import FamilyAdapter, ImageSize, register_adapter
+from ipcv_deploy.models.prenorm_vit import prenorm_block, prenorm_stabilized_block
 
 __all__ = ["LlavaAdapter"]
 
@@ -168,27 +169,14 @@ class LlavaAdapter(FamilyAdapter):
     def block(
         self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
     ) -> torch.Tensor:
-        """``CLIPEncoderLayer`` on [images, n, D]: every image holds the same token count."""
-        per_image = tokens.lengths[0]
-        assert all(n == per_image for n in tokens.lengths), "LLaVA keeps a fixed count per image"
-        layer = self.vision.encoder.layers[index]
-        return layer(x.reshape(-1, per_image, x.shape[-1]), attention_mask=None).reshape(x.shape)
+        """``CLIPEncoderLayer`` on [images, n, D]."""
+        return prenorm_block(self.vision.encoder.layers[index], x, tokens)
 
     def stabilized_block(
         self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
     ) -> torch.Tensor:
         """Kept-token queries over all keys/values of each image (spec section 3)."""
-        assert kept.index is not None
-        layer = self.vision.encoder.layers[index]
-        attn = layer.self_attn
-        idx, heads = kept.index, attn.num_heads
-        h = layer.layer_norm1(full)
-        q = attn.q_proj(gather_tokens(h, idx)).unflatten(-1, (heads, -1))
-        k = attn.k_proj(h).unflatten(-1, (heads, -1))
-        v = attn.v_proj(h).unflatten(-1, (heads, -1))
-        out = segment_attention(q, k, v, kept.lengths, enc.segments)
-        x = gather_tokens(full, idx) + attn.out_proj(out.flatten(2))
-        return x + layer.mlp(layer.layer_norm2(x))
+        return prenorm_stabilized_block(self.vision.encoder.layers[index], full, enc, kept)
 
     def head(self, full: torch.Tensor, enc: EncodedInput) -> BaseModelOutputWithPooling:
         """The restored tokens as the feature layer's hidden states.

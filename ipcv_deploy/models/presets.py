@@ -15,12 +15,18 @@ from transformers import (
     CLIPVisionModel,
     InternVLVisionConfig,
     InternVLVisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
 )
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
 from ipcv_deploy.errors import ArtifactError, ConfigError, UnsupportedModelError
-from ipcv_deploy.models import internvl, llava, qwen2_vl
+from ipcv_deploy.models import internvl, llava, qwen2_5_vl, qwen2_vl, siglip
 from ipcv_deploy.models.base import FamilyAdapter, ImageSize, get_adapter
 
 __all__ = [
@@ -95,11 +101,27 @@ PRESETS: dict[str, ModelPreset] = {
             full_model=True,
         ),
         ModelPreset(
+            "tiny-qwen2.5-vl",
+            "qwen2_5_vl",
+            (224, 224),
+            "12-block Qwen2.5-VL ViT (width 64, 112px windows, 2 full blocks) + 2-layer LLM",
+            _full("qwen2_5_vl", qwen2_5_vl.tiny_config),
+            full_model=True,
+        ),
+        ModelPreset(
             "tiny-llava",
             "llava",
             (112, 112),
             "7-block CLIP ViT (width 64) + 2-layer Llama LLM, for tests",
             _full("llava", llava.tiny_config),
+            full_model=True,
+        ),
+        ModelPreset(
+            "tiny-paligemma",
+            "paligemma",
+            (112, 112),
+            "6-block SigLIP ViT (width 64) + 2-layer Gemma LLM, for tests",
+            _full("paligemma", siglip.tiny_config),
             full_model=True,
         ),
         ModelPreset(
@@ -121,6 +143,18 @@ PRESETS: dict[str, ModelPreset] = {
             full_model=False,
         ),
         ModelPreset(
+            "qwen2.5-vl-7b-vit",
+            "qwen2_5_vl",
+            (448, 448),
+            "Qwen2.5-VL-7B vision tower (32 blocks, width 1280, windows + 4 full blocks), no LLM",
+            lambda: Qwen2_5_VisionTransformerPretrainedModel(
+                Qwen2_5_VLVisionConfig(
+                    hidden_size=1280, intermediate_size=3420, out_hidden_size=3584
+                )
+            ),
+            full_model=False,
+        ),
+        ModelPreset(
             "clip-vit-l-336",
             "llava",
             (336, 336),
@@ -134,6 +168,24 @@ PRESETS: dict[str, ModelPreset] = {
                     image_size=336,
                     patch_size=14,
                     projection_dim=768,
+                )
+            ),
+            full_model=False,
+        ),
+        ModelPreset(
+            "siglip-so400m-224",
+            "paligemma",
+            (224, 224),
+            "SigLIP So400m/14 of PaliGemma at 224 (27 layers, width 1152), no LLM",
+            lambda: SiglipVisionModel(
+                SiglipVisionConfig(
+                    hidden_size=1152,
+                    intermediate_size=4304,
+                    num_hidden_layers=27,
+                    num_attention_heads=16,
+                    image_size=224,
+                    patch_size=14,
+                    vision_use_head=False,
                 )
             ),
             full_model=False,

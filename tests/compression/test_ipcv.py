@@ -143,8 +143,10 @@ def _slice_inputs(tiny: Tiny, i: int):
     return (tiny.args[0][i : i + 1],), {}
 
 
-def test_qwen_images_of_different_sizes_match_loop():
-    tiny = make_tiny("tiny-qwen2-vl", batch=1)
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_qwen_images_of_different_sizes_match_loop(name):
+    """Also partial 112px windows (8x12 patches) for Qwen2.5-VL."""
+    tiny = make_tiny(name, batch=1)
     gen = torch.Generator().manual_seed(5)
     grids = [(1, 16, 16), (1, 8, 12), (2, 4, 4)]  # two images and a two-frame video
     pixels = [torch.randn(t * h * w, 1176, generator=gen) for t, h, w in grids]

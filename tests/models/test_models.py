@@ -24,13 +24,14 @@ from tests.parity import assert_close
 
 
 def test_registry_lists_the_families():
-    assert supported_model_types() == ["internvl", "llava", "qwen2_vl"]
+    assert supported_model_types() == ["internvl", "llava", "paligemma", "qwen2_5_vl", "qwen2_vl"]
     with pytest.raises(
         UnsupportedModelError,
-        match=r"model_type 'paligemma' is not supported; supported: InternVL3 \(internvl\); "
-        r"LLaVA-1.5 \(CLIP\) \(llava\); Qwen2-VL \(qwen2_vl\)",
+        match=r"model_type 'idefics3' is not supported; supported: InternVL3 \(internvl\); "
+        r"LLaVA-1.5 \(CLIP\) \(llava\); PaliGemma \(SigLIP\) \(paligemma\); "
+        r"Qwen2-VL \(qwen2_vl\); Qwen2.5-VL \(qwen2_5_vl\)",
     ):
-        get_adapter("paligemma")
+        get_adapter("idefics3")
 
 
 def test_apply_ipcv_refuses_unknown_modules():
@@ -80,7 +81,7 @@ def test_per_block_hidden_states_are_refused():
 
 def _prompt(name: str, tiny) -> dict:
     """input_ids with the right number of image placeholders (token 310) for the tiny presets."""
-    if name == "tiny-qwen2-vl":
+    if name.startswith("tiny-qwen"):
         per_image = 256 // 4
         ids = [1, 5] + ([312] + [310] * per_image + [313]) * 2 + [7, 8]
         return {
@@ -88,7 +89,8 @@ def _prompt(name: str, tiny) -> dict:
             "image_grid_thw": tiny.kwargs["grid_thw"],
             "input_ids": torch.tensor([ids]),
         }
-    per_image = tiny.loaded.model.config.image_seq_length  # InternVL tiles, LLaVA images
+    config = tiny.loaded.model.config  # InternVL tiles, LLaVA / PaliGemma images
+    per_image = getattr(config, "image_seq_length", None) or config.text_config.num_image_tokens
     ids = [1, 5] + [310] * per_image * 2 + [7, 8]
     return {"pixel_values": tiny.args[0], "input_ids": torch.tensor([ids])}
 

@@ -1,0 +1,237 @@
+"""Qwen2.5-VL vision tower (``Qwen2_5_VisionTransformerPretrainedModel``).
+
+Qwen2-VL's packed patches and 2-D RoPE, plus window attention: tokens are reordered so each
+112x112 window (4x4 merge units) is contiguous; most blocks attend within windows, the
+``fullatt_block_indexes`` blocks over the image. RMSNorm and a gated MLP. The merger sees the
+window-ordered grid and its output is put back in raster order.
+
+IPCV keeps the window order as the token order: selection and NGR are order-free, kept tokens
+attend only within their original windows (a same-window mask, since the kept count per window
+varies), and the final restore gives the merger the complete window-ordered grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.vision_utils import (
+    get_vision_cu_seqlens,
+    get_vision_position_ids,
+    get_vision_window_index,
+)
+
+from ipcv_deploy.compression import EncodedInput, TokenSet, gather_tokens, segment_attention
+from ipcv_deploy.compression.cost import EncoderShape
+from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.models.base import ImageSize, register_adapter
+from ipcv_deploy.models.qwen2_vl import Qwen2VLAdapter, _Rope, _rotate
+
+__all__ = ["Qwen25VLAdapter"]
+
+
+@dataclass
+class _Windows(_Rope):
+    """RoPE tables in window order, and where the windows and images lie in a row."""
+
+    windows: tuple[int, ...] = ()  # tokens per window, in order
+    window_ends: torch.Tensor | None = None  # [windows] cumulative ends, for bucketize
+    order: torch.Tensor | None = None  # merge units in window order (into raster order)
+    restore: torch.Tensor | None = None  # window order -> raster order, per merge unit
+
+    def window_of(self, index: torch.Tensor) -> torch.Tensor:
+        """Window id of each token at ``index`` (any shape of in-row positions)."""
+        return torch.bucketize(index, self.window_ends, right=True)
+
+
+@register_adapter
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: as Qwen2-VL, with windowed blocks that keep kept tokens in their windows."""
+
+    family = "Qwen2.5-VL"
+    model_types = ("qwen2_5_vl",)
+    vision_class_names = ("Qwen2_5_VisionTransformerPretrainedModel",)
+    # No reference settings were published for Qwen2.5-VL; Qwen2-VL's are used.
+    reference = IPCVConfig(prune_layer=3, keep_ratio=0.35, as_layers=7, num_neighbors=10)
+    full_model_class = Qwen2_5_VLForConditionalGeneration
+
+    def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
+        """Blocks (gated MLP, windowed attention), patch embedding and the merger."""
+        self.check_image_size(image_size)
+        cfg = self.vision.config
+        tokens = (image_size[0] // self._patch) * (image_size[1] // self._patch)
+        d = cfg.hidden_size
+        merged = d * cfg.spatial_merge_size**2
+        patch_dim = cfg.in_channels * cfg.temporal_patch_size * self._patch**2
+        return EncoderShape(
+            depth=self.depth,
+            width=d,
+            mlp_hidden=cfg.intermediate_size,
+            mlp_matrices=3,
+            tokens=tokens,
+            num_prefix=0,
+            embed_flops=2 * tokens * patch_dim * d,
+            head_flops=2
+            * (tokens // cfg.spatial_merge_size**2)
+            * merged
+            * (merged + cfg.out_hidden_size),
+            window=(cfg.window_size // self._patch) ** 2,
+            full_attention_blocks=tuple(cfg.fullatt_block_indexes),
+        )
+
+    def _layout(
+        self, grid_thw: torch.Tensor, kwargs: dict[str, Any]
+    ) -> tuple[tuple[int, ...], _Windows]:
+        vision, cfg = self.vision, self.vision.config
+        position_ids = get_vision_position_ids(grid_thw, vision.spatial_merge_size, kwargs=kwargs)
+        cu_seqlens = get_vision_cu_seqlens(grid_thw, kwargs=kwargs)
+        order, cu_windows = get_vision_window_index(
+            grid_thw, vision.spatial_merge_size, cfg.window_size, cfg.patch_size, kwargs=kwargs
+        )
+        cos, sin = vision.rotary_pos_emb(vision.patch_embed.proj.weight, position_ids)
+        unit = vision.spatial_merge_size**2
+        windows = tuple(int(n) for n in cu_windows.diff().tolist())
+        context = _Windows(
+            self._to_window_order(cos, order, unit),
+            self._to_window_order(sin, order, unit),
+            windows=windows,
+            window_ends=cu_windows[1:].long(),
+            order=order,
+            restore=torch.argsort(order),
+        )
+        return tuple(int(n) for n in cu_seqlens.diff().tolist()), context
+
+    @staticmethod
+    def _to_window_order(x: torch.Tensor, order: torch.Tensor, unit: int) -> torch.Tensor:
+        """[..., T, C] in raster order -> window order, moving whole merge units."""
+        lead = x.shape[:-2]
+        units = x.reshape(*lead, -1, unit, x.shape[-1])
+        return units.index_select(-3, order).reshape(x.shape)
+
+    def embed(
+        self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs: Any
+    ) -> EncodedInput:
+        """Patch embedding in window order, RoPE tables, windows and one segment per image."""
+        enc = super().embed(hidden_states, grid_thw, **kwargs)
+        unit = self.vision.spatial_merge_size**2
+        enc.tokens = self._to_window_order(enc.tokens, enc.context.order, unit)
+        return enc
+
+    def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
+        """Patch-embed [B, h*w, C*t*p*p] and put every row in window order."""
+        enc = super().embed_rows(pixels, context)
+        unit = self.vision.spatial_merge_size**2
+        enc.tokens = self._to_window_order(enc.tokens, enc.context.order, unit)
+        return enc
+
+    def _windowed(self, index: int) -> bool:
+        return index not in self.vision.config.fullatt_block_indexes
+
+    def _attend(
+        self,
+        index: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        windows: _Windows,
+        q_tokens: TokenSet,
+        k_tokens: TokenSet,
+    ) -> torch.Tensor:
+        """Attention of block ``index``: within images, or within windows for windowed blocks."""
+        if not self._windowed(index):
+            return segment_attention(q, k, v, q_tokens.lengths, k_tokens.lengths)
+        if q_tokens.index is None and k_tokens.index is None:
+            return segment_attention(q, k, v, windows.windows, windows.windows)
+
+        def ids(tokens: TokenSet, count: int) -> torch.Tensor:
+            if tokens.index is None:
+                return windows.window_of(torch.arange(count, device=q.device)).unsqueeze(0)
+            return windows.window_of(tokens.index)
+
+        same = ids(q_tokens, q.shape[1]).unsqueeze(-1) == ids(k_tokens, k.shape[1]).unsqueeze(-2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=same.unsqueeze(1)
+        )
+        return out.transpose(1, 2)
+
+    def block(
+        self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
+    ) -> torch.Tensor:
+        """``Qwen2_5_VLVisionBlock`` on a token subset, kept tokens inside their windows."""
+        blk = self.vision.blocks[index]
+        windows: _Windows = enc.context
+        cos, sin = windows.of(tokens.index)
+        q, k, v = blk.attn.qkv(blk.norm1(x)).unflatten(-1, (3, blk.attn.num_heads, -1)).unbind(2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        out = self._attend(index, q, k, v, windows, tokens, tokens)
+        x = x + blk.attn.proj(out.flatten(2))
+        return x + blk.mlp(blk.norm2(x))
+
+    def stabilized_block(
+        self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
+    ) -> torch.Tensor:
+        """Kept-token queries over all keys/values of their image, or of their window."""
+        assert kept.index is not None
+        blk = self.vision.blocks[index]
+        windows: _Windows = enc.context
+        width, heads, idx = full.shape[-1], blk.attn.num_heads, kept.index
+        weight, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
+        h = blk.norm1(full)
+        q = F.linear(gather_tokens(h, idx), weight[:width], bias[:width]).unflatten(-1, (heads, -1))
+        k, v = F.linear(h, weight[width:], bias[width:]).unflatten(-1, (2, heads, -1)).unbind(2)
+        q = _rotate(q, *windows.of(idx))
+        k = _rotate(k, windows.cos, windows.sin)
+        out = self._attend(index, q, k, v, windows, kept, TokenSet(enc.segments))
+        x = gather_tokens(full, idx) + blk.attn.proj(out.flatten(2))
+        return x + blk.mlp(blk.norm2(x))
+
+    def head(self, full: torch.Tensor, enc: EncodedInput) -> BaseModelOutputWithPooling:
+        """Merger on the window-ordered grid, its output put back in raster order."""
+        windows: _Windows = enc.context
+        flat = full.reshape(-1, full.shape[-1])
+        merged = self.vision.merger(flat).view(
+            full.shape[0], -1, self.vision.config.out_hidden_size
+        )
+        merged = merged.index_select(1, windows.restore)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=flat, pooler_output=merged.reshape(-1, merged.shape[-1])
+        )
+
+
+def tiny_config(depth: int = 12) -> Qwen2_5_VLConfig:
+    """A few-block Qwen2.5-VL (windowed blocks, full blocks 5 and 11) with a 2-layer LLM."""
+    return Qwen2_5_VLConfig(
+        vision_config={
+            "depth": depth,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_heads": 4,
+            "out_hidden_size": 96,
+            "window_size": 112,
+            "fullatt_block_indexes": [5, depth - 1],
+            "initializer_range": 0.1,
+        },
+        text_config={
+            "vocab_size": 320,
+            "hidden_size": 96,
+            "intermediate_size": 192,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 4, 4],
+            },
+        },
+        image_token_id=310,
+        video_token_id=311,
+        vision_start_token_id=312,
+        vision_end_token_id=313,
+    )

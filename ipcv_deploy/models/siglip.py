@@ -1,0 +1,180 @@
+"""PaliGemma's vision tower (transformers' ``SiglipVisionModel``, SigLIP So400m).
+
+One image per batch row, no CLS token, learned position embeddings, ``post_layernorm`` after
+the last block; PaliGemma's linear projector runs outside the tower on the restored tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ipcv_deploy.compression import EncodedInput, TokenSet
+from ipcv_deploy.compression.cost import EncoderShape
+from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import InputError
+from ipcv_deploy.models.base import (
+    FamilyAdapter,
+    ImageSize,
+    register_adapter,
+    reject_layer_outputs,
+)
+from ipcv_deploy.models.prenorm_vit import prenorm_block, prenorm_stabilized_block
+
+__all__ = ["SiglipAdapter"]
+
+
+@dataclass
+class _Images:
+    tokens: int  # N = patches per image
+
+
+@register_adapter
+class SiglipAdapter(FamilyAdapter):
+    """PaliGemma (SigLIP): per-image selection, no prefix token, features after the last block."""
+
+    family = "PaliGemma (SigLIP)"
+    model_types = ("paligemma",)
+    vision_class_names = ("SiglipVisionModel",)
+    num_prefix_tokens = 0
+    global_topk_spans_call = False
+    # No reference settings were published for SigLIP; these are ours.
+    reference = IPCVConfig(prune_layer=3, keep_ratio=0.35, as_layers=3, num_neighbors=10)
+    full_model_class = PaliGemmaForConditionalGeneration
+    tower_attribute = "vision_tower"
+
+    @property
+    def depth(self) -> int:
+        """Number of SigLIP encoder layers."""
+        return len(self.vision.encoder.layers)
+
+    def check_image_size(self, image_size: ImageSize) -> None:
+        """SigLIP takes images of the config's ``image_size`` (224 / 448 / 896 for PaliGemma)."""
+        side = int(self.vision.config.image_size)
+        if tuple(image_size) != (side, side):
+            raise InputError(
+                f"image size {image_size[0]}x{image_size[1]} does not fit {self.family}: the "
+                f"encoder takes {side}x{side} images; pass --image-size {side}x{side}"
+            )
+
+    def example_inputs(
+        self, image_size: ImageSize, batch: int, generator: torch.Generator
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``pixel_values`` [B, 3, H, W]."""
+        self.check_image_size(image_size)
+        channels = self.vision.config.num_channels
+        return (self._random((batch, channels, *image_size), generator),), {}
+
+    def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
+        """Blocks and patch embedding at ``image_size`` (no CLS)."""
+        self.check_image_size(image_size)
+        cfg = self.vision.config
+        patches = (image_size[0] // cfg.patch_size) * (image_size[1] // cfg.patch_size)
+        return EncoderShape(
+            depth=self.depth,
+            width=cfg.hidden_size,
+            mlp_hidden=cfg.intermediate_size,
+            mlp_matrices=2,
+            tokens=patches,
+            num_prefix=0,
+            embed_flops=2 * patches * cfg.num_channels * cfg.patch_size**2 * cfg.hidden_size,
+            head_flops=0,
+        )
+
+    def features(self, output: BaseModelOutputWithPooling) -> torch.Tensor:
+        """``last_hidden_state`` [images, N, D] after ``post_layernorm``: the projector's input."""
+        return output.last_hidden_state
+
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4:
+            raise InputError(
+                "pixel_values must be [images, channels, height, width], "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        return self.vision.embeddings(pixel_values)
+
+    def embed(self, pixel_values: torch.Tensor, **kwargs: Any) -> EncodedInput:
+        """Patch + position embeddings; the images packed in one row, a segment each."""
+        reject_layer_outputs(kwargs, self.depth)
+        emb = self._embed(pixel_values)
+        images, tokens, width = emb.shape
+        return EncodedInput(
+            emb.reshape(1, images * tokens, width), (tokens,) * images, _Images(tokens)
+        )
+
+    def row_context(self, image_size: ImageSize) -> None:
+        """Nothing to precompute: position embeddings are part of the weights."""
+        self.check_image_size(image_size)
+
+    def row_inputs(
+        self, image_size: ImageSize, batch: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``pixel_values`` [B, 3, H, W], one image per row."""
+        (pixels,), _ = self.example_inputs(image_size, batch, generator)
+        return pixels
+
+    def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
+        """Embed [B, 3, H, W]: one image per row, one segment."""
+        emb = self._embed(pixels)
+        return EncodedInput(emb, (emb.shape[1],), _Images(emb.shape[1]))
+
+    def block(
+        self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
+    ) -> torch.Tensor:
+        """``SiglipEncoderLayer`` on [images, n, D]."""
+        return prenorm_block(self.vision.encoder.layers[index], x, tokens)
+
+    def stabilized_block(
+        self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
+    ) -> torch.Tensor:
+        """Kept-token queries over all keys/values of each image (spec section 3)."""
+        return prenorm_stabilized_block(self.vision.encoder.layers[index], full, enc, kept)
+
+    def head(self, full: torch.Tensor, enc: EncodedInput) -> BaseModelOutputWithPooling:
+        """``post_layernorm`` (and the attention-pooling head, if the tower has one)."""
+        images: _Images = enc.context
+        out = self.vision.post_layernorm(full.reshape(-1, images.tokens, full.shape[-1]))
+        pooled = self.vision.head(out) if getattr(self.vision, "use_head", False) else None
+        return BaseModelOutputWithPooling(last_hidden_state=out, pooler_output=pooled)
+
+    def projector(self, model: nn.Module) -> nn.Module | None:
+        """PaliGemma's linear ``multi_modal_projector`` (what ``get_image_features`` returns)."""
+        inner = getattr(model, "model", model)
+        return getattr(inner, "multi_modal_projector", None)
+
+
+def tiny_config(depth: int = 6, image_size: int = 112) -> PaliGemmaConfig:
+    """A few-block PaliGemma (SigLIP tower) with a 2-layer Gemma LLM for tests (vocab 320)."""
+    return PaliGemmaConfig(
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": depth,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": 14,
+            "projection_dim": 96,
+            "vision_use_head": False,  # as PaliGemma's SigLIP
+        },
+        text_config={
+            "model_type": "gemma",
+            "vocab_size": 320,
+            "hidden_size": 96,
+            "intermediate_size": 192,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 24,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        image_token_index=310,
+        vocab_size=320,
+        projection_dim=96,
+        hidden_size=96,
+    )

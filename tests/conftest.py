@@ -16,6 +16,8 @@ from ipcv_deploy.models import FamilyAdapter, LoadedModel, load_model
 hf_logging.set_verbosity_error()
 
 TINY = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl", "tiny-llava", "tiny-paligemma")
+#: Presets whose towers run the tower-level tests (LLaVA-NeXT's anyres prompt is tested apart).
+TOWERS = (*TINY, "tiny-llava-next")
 
 
 @dataclass
@@ -40,7 +42,7 @@ def make_tiny(name: str, batch: int = 2, dtype: torch.dtype = torch.float32, see
     return Tiny(loaded, adapter, args, kwargs)
 
 
-@pytest.fixture(params=TINY)
+@pytest.fixture(params=TOWERS)
 def tiny(request: pytest.FixtureRequest) -> Tiny:
     """Each tiny family, batch of 2, fp32."""
     return make_tiny(request.param)

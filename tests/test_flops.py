@@ -13,7 +13,7 @@ from ipcv_deploy import IPCVConfig, apply_ipcv
 from ipcv_deploy.bench.flops import flops_report
 from ipcv_deploy.compression.cost import encoder_flops
 from ipcv_deploy.models import load_model
-from tests.conftest import TINY, make_tiny
+from tests.conftest import TOWERS, make_tiny
 
 
 def test_qwen2_vl_7b_share_is_near_41_percent():
@@ -48,7 +48,7 @@ def _counted(tiny) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TOWERS)
 def test_analytic_flops_match_torch_flop_counter(name):
     tiny = make_tiny(name, batch=1)
     shape = tiny.adapter.encoder_shape(tiny.loaded.image_size)

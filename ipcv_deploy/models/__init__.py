@@ -2,7 +2,8 @@
 
 Also built-in presets and checkpoint loading: the only code that knows transformers classes.
 
-Families: Qwen2-VL (``qwen2_vl``), InternVL3 (``internvl``), LLaVA-1.5 with CLIP (``llava``),
+Families: Qwen2-VL (``qwen2_vl``), InternVL3 (``internvl``), LLaVA-1.5 and LLaVA-NeXT with
+CLIP (``llava``, ``llava_next``),
 PaliGemma with SigLIP (``paligemma``), Qwen2.5-VL (``qwen2_5_vl``).
 """
 
@@ -15,7 +16,7 @@ from ipcv_deploy.models.base import (
     supported_model_types,
 )
 from ipcv_deploy.models.internvl import InternVLAdapter
-from ipcv_deploy.models.llava import LlavaAdapter
+from ipcv_deploy.models.llava import LlavaAdapter, LlavaNextAdapter
 from ipcv_deploy.models.presets import (
     BENCHMARK_PRESETS,
     DEFAULT_PRESET,
@@ -39,6 +40,7 @@ __all__ = [
     "ImageSize",
     "InternVLAdapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
     "LoadedModel",
     "ModelPreset",
     "Qwen2VLAdapter",

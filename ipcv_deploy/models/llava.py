@@ -1,4 +1,4 @@
-"""LLaVA-1.5 vision tower (transformers' ``CLIPVisionModel``, CLIP ViT-L/14-336).
+"""LLaVA-1.5 and LLaVA-NeXT vision towers (transformers' ``CLIPVisionModel``, ViT-L/14-336).
 
 One image per batch row with a CLS token, absolute position embeddings and ``pre_layrnorm``.
 LLaVA takes the features of the penultimate block (``vision_feature_layer=-2``), so the
@@ -13,7 +13,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ipcv_deploy.compression import EncodedInput, TokenSet
@@ -23,7 +29,7 @@ from ipcv_deploy.errors import ConfigError, InputError, UnsupportedModelError
 from ipcv_deploy.models.base import FamilyAdapter, ImageSize, register_adapter
 from ipcv_deploy.models.prenorm_vit import prenorm_block, prenorm_stabilized_block
 
-__all__ = ["LlavaAdapter"]
+__all__ = ["LlavaAdapter", "LlavaNextAdapter"]
 
 #: Attribute on the tower holding the LLaVA config's vision_feature_layer.
 _FEATURE_LAYER = "_ipcv_feature_layer"
@@ -55,10 +61,10 @@ class LlavaAdapter(FamilyAdapter):
         """The CLIP tower; remembers the model's ``vision_feature_layer`` on it."""
         inner = getattr(model, "model", model)
         tower = inner.vision_tower
-        if type(tower).__name__ not in cls.vision_class_names:
+        if type(tower).__name__ not in LlavaAdapter.vision_class_names:
             raise UnsupportedModelError(
                 f"this LLaVA model uses a {type(tower).__name__} vision tower; the LLaVA adapter "
-                "serves CLIP towers (LLaVA-1.5)"
+                "serves CLIP towers (LLaVA-1.5, LLaVA-NeXT)"
             )
         layer = inner.config.vision_feature_layer
         if not isinstance(layer, int):
@@ -240,4 +246,30 @@ def tiny_config(depth: int = 7, image_size: int = 112) -> LlavaConfig:
         },
         image_token_index=310,
         image_seq_length=(image_size // 14) ** 2,
+    )
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: the same CLIP tower on every anyres tile (base image + crops), per tile.
+
+    Tiles are images to the tower, so selection is per tile with CLS kept; the tile grid
+    packing and the ``image_newline`` tokens come after the projector, on restored features.
+    """
+
+    family = "LLaVA-NeXT (CLIP, anyres)"
+    model_types = ("llava_next",)
+    vision_class_names = ()  # a bare CLIP tower is served by LlavaAdapter
+    full_model_class = LlavaNextForConditionalGeneration
+
+
+def tiny_next_config(depth: int = 7, tile: int = 112) -> LlavaNextConfig:
+    """``tiny_config``'s tower and LLM as LLaVA-NeXT, with anyres grids of up to 2x2 tiles."""
+    base = tiny_config(depth, tile)
+    return LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=310,
+        image_grid_pinpoints=[[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]],
+        image_seq_length=(tile // 14) ** 2,
     )

@@ -117,6 +117,14 @@ PRESETS: dict[str, ModelPreset] = {
             full_model=True,
         ),
         ModelPreset(
+            "tiny-llava-next",
+            "llava_next",
+            (112, 112),
+            "tiny-llava's CLIP ViT and LLM as LLaVA-NeXT (anyres, up to 2x2 tiles), for tests",
+            _full("llava_next", llava.tiny_next_config),
+            full_model=True,
+        ),
+        ModelPreset(
             "tiny-paligemma",
             "paligemma",
             (112, 112),

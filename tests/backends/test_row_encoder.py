@@ -8,7 +8,7 @@ from ipcv_deploy.api import apply_ipcv
 from ipcv_deploy.backends import RowEncoder, TorchBackend
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.models import load_model
-from tests.conftest import TINY, hf_image_features
+from tests.conftest import TINY, TOWERS, hf_image_features
 from tests.parity import assert_close, assert_same_indices
 
 
@@ -32,7 +32,7 @@ def test_row_form_equals_transformers_with_and_without_ipcv(name, keep_ratio):
         assert_close(got, dense, what="keep 1.0 vs dense")
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TOWERS)
 def test_rows_equal_one_image_at_a_time(name):
     loaded = load_model(name, seed=0)
     backend = TorchBackend(RowEncoder(loaded, loaded.adapter.reference_ipcv(), return_indices=True))

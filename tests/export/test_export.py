@@ -11,7 +11,7 @@ from ipcv_deploy.backends.verify import reference_encoder, verify_artifact
 from ipcv_deploy.errors import ArtifactError, InputError
 from ipcv_deploy.models import load_model
 from ipcv_deploy.ops import DOMAIN, OP_SPECS, PLUGIN_NAMESPACE, PLUGIN_VERSION
-from tests.conftest import hf_image_features
+from tests.conftest import export_tiny, hf_image_features
 from tests.parity import assert_close, assert_same_indices
 
 
@@ -102,8 +102,15 @@ def test_wrong_pixel_shape_is_refused(ipcv_artifact):
 
 
 def test_trt_only_artifact_cannot_run_on_onnx_runtime(tmp_path):
-    from tests.conftest import export_tiny
-
     artifact = export_tiny("tiny-internvl", tmp_path / "trt", target="trt")
     with pytest.raises(ArtifactError, match=r"no 'ort' flavour.*--target ort"):
         OrtBackend(artifact)
+
+
+def test_llava_next_tile_encoder_exports_and_verifies(tmp_path):
+    """LLaVA-NeXT exports the per-tile encoder + projector; tile packing stays in the runtime."""
+    artifact = export_tiny("tiny-llava-next", tmp_path / "next", return_indices=True)
+    assert artifact.manifest.family == "LLaVA-NeXT (CLIP, anyres)"
+    assert artifact.manifest.outputs[0].shape == ("batch", 64, 96)
+    report = verify_artifact(artifact, batch=3)
+    assert report.passed, report.to_dict()

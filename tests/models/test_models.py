@@ -24,11 +24,19 @@ from tests.parity import assert_close
 
 
 def test_registry_lists_the_families():
-    assert supported_model_types() == ["internvl", "llava", "paligemma", "qwen2_5_vl", "qwen2_vl"]
+    assert supported_model_types() == [
+        "internvl",
+        "llava",
+        "llava_next",
+        "paligemma",
+        "qwen2_5_vl",
+        "qwen2_vl",
+    ]
     with pytest.raises(
         UnsupportedModelError,
         match=r"model_type 'idefics3' is not supported; supported: InternVL3 \(internvl\); "
-        r"LLaVA-1.5 \(CLIP\) \(llava\); PaliGemma \(SigLIP\) \(paligemma\); "
+        r"LLaVA-1.5 \(CLIP\) \(llava\); LLaVA-NeXT \(CLIP, anyres\) \(llava_next\); "
+        r"PaliGemma \(SigLIP\) \(paligemma\); "
         r"Qwen2-VL \(qwen2_vl\); Qwen2.5-VL \(qwen2_5_vl\)",
     ):
         get_adapter("idefics3")
@@ -185,3 +193,36 @@ def test_llava_runs_only_the_blocks_up_to_its_feature_layer():
     assert all(h is None for i, h in enumerate(out.hidden_states) if i != adapter.depth)
     with pytest.raises(ConfigError, match="only has the feature layer's hidden states"):
         tiny.loaded.vision(tiny.args[0], output_hidden_states=True)
+
+
+def test_llava_next_anyres_tiles_and_newlines():
+    """Every anyres tile is an image to the tower; the packed features keep the image_newline
+    rows where the dense model has them, and keep 1.0 equals dense through the packing."""
+    loaded = load_model("tiny-llava-next", seed=0)
+    model = loaded.model
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 5, 3, 112, 112, generator=gen)  # base image + up to 2x2 crops
+    sizes = torch.tensor([[200, 220], [100, 210]])
+    newline = model.model.image_newline
+    with torch.no_grad():
+        dense = model.model.get_image_features(pixels, sizes).pooler_output
+        apply_ipcv(model, IPCVConfig(prune_layer=3, keep_ratio=1.0, as_layers=2))
+        same = model.model.get_image_features(pixels, sizes).pooler_output
+        apply_ipcv(model)
+        compressed = model.model.get_image_features(pixels, sizes).pooler_output
+    for d, s, c in zip(dense, same, compressed, strict=True):
+        assert_close(s, d, what="keep 1.0 vs dense, packed anyres features")
+        assert c.shape == d.shape
+        rows = (d == newline).all(-1)
+        assert rows.any() and torch.equal((c == newline).all(-1), rows)
+    ids = [[1, 5, *[310] * dense[0].shape[0], 7], [1, 5, *[310] * dense[1].shape[0], 7]]
+    width = max(map(len, ids))
+    ids = torch.tensor([[0] * (width - len(i)) + i for i in ids])
+    inputs = {"input_ids": ids, "pixel_values": pixels, "image_sizes": sizes}
+    inputs["attention_mask"] = (ids != 0).long()
+    remove_ipcv(model)
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        apply_ipcv(model, IPCVConfig(prune_layer=3, keep_ratio=1.0, as_layers=2))
+        got = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)

@@ -15,6 +15,7 @@ from ipcv_deploy.errors import ConfigError, InputError, UnsupportedModelError
 __all__ = [
     "ADAPTERS",
     "FamilyAdapter",
+    "FixedImageAdapter",
     "ImageSize",
     "adapter_for_module",
     "get_adapter",
@@ -141,6 +142,56 @@ class FamilyAdapter:
 
     def _random(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         return torch.randn(shape, generator=generator).to(self.dtype)
+
+
+class FixedImageAdapter(FamilyAdapter):
+    """A tower taking ``pixel_values`` [images, C, H, W] of one size (``config.image_size``).
+
+    Provides the size check, seeded inputs and the row form's inputs (one image per row);
+    subclasses still embed, run blocks and head.
+    """
+
+    #: What one image is called in messages ("images", "tiles").
+    image_unit: ClassVar[str] = "images"
+    #: Appended to the wrong-size message.
+    size_hint: ClassVar[str] = ""
+
+    @property
+    def fixed_image_size(self) -> ImageSize:
+        """The one (H, W) the tower takes."""
+        size = self.vision.config.image_size
+        if isinstance(size, (list, tuple)):
+            return int(size[0]), int(size[1])
+        return int(size), int(size)
+
+    def check_image_size(self, image_size: ImageSize) -> None:
+        """Only ``fixed_image_size`` fits."""
+        h, w = self.fixed_image_size
+        if tuple(image_size) != (h, w):
+            raise InputError(
+                f"image size {image_size[0]}x{image_size[1]} does not fit {self.family}: the "
+                f"encoder takes {h}x{w} {self.image_unit}; pass --image-size {h}x{w}"
+                f"{self.size_hint}"
+            )
+
+    def example_inputs(
+        self, image_size: ImageSize, batch: int, generator: torch.Generator
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``pixel_values`` [B, C, H, W]."""
+        self.check_image_size(image_size)
+        channels = self.vision.config.num_channels
+        return (self._random((batch, channels, *image_size), generator),), {}
+
+    def row_context(self, image_size: ImageSize) -> None:
+        """Nothing to precompute: position embeddings are part of the weights."""
+        self.check_image_size(image_size)
+
+    def row_inputs(
+        self, image_size: ImageSize, batch: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``pixel_values`` [B, C, H, W], one image per row."""
+        (pixels,), _ = self.example_inputs(image_size, batch, generator)
+        return pixels
 
 
 def reject_layer_outputs(kwargs: dict[str, Any], depth: int) -> None:

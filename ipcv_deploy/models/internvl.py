@@ -19,7 +19,12 @@ from ipcv_deploy.compression import EncodedInput, TokenSet, gather_tokens, segme
 from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import InputError, UnsupportedModelError
-from ipcv_deploy.models.base import FamilyAdapter, ImageSize, register_adapter, reject_layer_outputs
+from ipcv_deploy.models.base import (
+    FixedImageAdapter,
+    ImageSize,
+    register_adapter,
+    reject_layer_outputs,
+)
 
 __all__ = ["InternVLAdapter"]
 
@@ -34,7 +39,7 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 @register_adapter
-class InternVLAdapter(FamilyAdapter):
+class InternVLAdapter(FixedImageAdapter):
     """InternVL3: per-tile selection with CLS always kept.
 
     ``global`` pools neighbours over every tile of the call, as the reference does.
@@ -46,6 +51,8 @@ class InternVLAdapter(FamilyAdapter):
     num_prefix_tokens = 1
     global_topk_spans_call = False
 
+    image_unit = "tiles"
+    size_hint = " (larger images are split into tiles by the processor)"
     reference = IPCVConfig(prune_layer=7, keep_ratio=0.35, as_layers=3, num_neighbors=10)
     full_model_class = InternVLForConditionalGeneration
     tower_attribute = "vision_tower"
@@ -54,24 +61,6 @@ class InternVLAdapter(FamilyAdapter):
     def depth(self) -> int:
         """Number of InternViT layers."""
         return len(self.vision.encoder.layer)
-
-    def check_image_size(self, image_size: ImageSize) -> None:
-        """InternVL feeds fixed tiles of the config's ``image_size`` (448x448 when released)."""
-        tile = _pair(self.vision.config.image_size)
-        if tuple(image_size) != tile:
-            raise InputError(
-                f"image size {image_size[0]}x{image_size[1]} does not fit {self.family}: the "
-                f"encoder takes {tile[0]}x{tile[1]} tiles; pass --image-size {tile[0]}x{tile[1]} "
-                "(larger images are split into tiles by the processor)"
-            )
-
-    def example_inputs(
-        self, image_size: ImageSize, batch: int, generator: torch.Generator
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """``pixel_values`` [B, 3, H, W] for ``batch`` tiles."""
-        self.check_image_size(image_size)
-        channels = self.vision.config.num_channels
-        return (self._random((batch, channels, *image_size), generator),), {}
 
     def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
         """Blocks and patch embedding at ``image_size`` (CLS token included)."""
@@ -112,17 +101,6 @@ class InternVLAdapter(FamilyAdapter):
         return EncodedInput(
             emb.reshape(1, tiles * tokens, width), (tokens,) * tiles, _Tiles(tokens)
         )
-
-    def row_context(self, image_size: ImageSize) -> None:
-        """Nothing to precompute: position embeddings are part of the weights."""
-        self.check_image_size(image_size)
-
-    def row_inputs(
-        self, image_size: ImageSize, batch: int, generator: torch.Generator
-    ) -> torch.Tensor:
-        """``pixel_values`` [B, 3, H, W], one tile per row."""
-        (pixels,), _ = self.example_inputs(image_size, batch, generator)
-        return pixels
 
     def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
         """Embed [B, 3, H, W]: one tile per row, one segment."""

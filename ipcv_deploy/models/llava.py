@@ -26,7 +26,7 @@ from ipcv_deploy.compression import EncodedInput, TokenSet
 from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ConfigError, InputError, UnsupportedModelError
-from ipcv_deploy.models.base import FamilyAdapter, ImageSize, register_adapter
+from ipcv_deploy.models.base import FixedImageAdapter, ImageSize, register_adapter
 from ipcv_deploy.models.prenorm_vit import prenorm_block, prenorm_stabilized_block
 
 __all__ = ["LlavaAdapter", "LlavaNextAdapter"]
@@ -43,7 +43,7 @@ class _Tiles:
 
 
 @register_adapter
-class LlavaAdapter(FamilyAdapter):
+class LlavaAdapter(FixedImageAdapter):
     """LLaVA-1.5: per-image selection with CLS always kept, features at the feature layer."""
 
     family = "LLaVA-1.5 (CLIP)"
@@ -89,22 +89,11 @@ class LlavaAdapter(FamilyAdapter):
         """Blocks run: those up to the feature layer (all but the last for LLaVA-1.5)."""
         return self._feature_index
 
-    def check_image_size(self, image_size: ImageSize) -> None:
-        """CLIP takes images of the config's ``image_size`` (336 for LLaVA-1.5)."""
-        side = int(self.vision.config.image_size)
-        if tuple(image_size) != (side, side):
-            raise InputError(
-                f"image size {image_size[0]}x{image_size[1]} does not fit {self.family}: the "
-                f"encoder takes {side}x{side} images; pass --image-size {side}x{side}"
-            )
-
     def example_inputs(
         self, image_size: ImageSize, batch: int, generator: torch.Generator
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``pixel_values`` [B, 3, H, W], asking for the feature layer as LLaVA does."""
-        self.check_image_size(image_size)
-        channels = self.vision.config.num_channels
-        pixels = self._random((batch, channels, *image_size), generator)
+        (pixels,), _ = super().example_inputs(image_size, batch, generator)
         return (pixels,), {"output_hidden_states": self._feature_index - self._states}
 
     def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
@@ -155,17 +144,6 @@ class LlavaAdapter(FamilyAdapter):
         return EncodedInput(
             emb.reshape(1, images * tokens, width), (tokens,) * images, self._context(tokens)
         )
-
-    def row_context(self, image_size: ImageSize) -> None:
-        """Nothing to precompute: position embeddings are part of the weights."""
-        self.check_image_size(image_size)
-
-    def row_inputs(
-        self, image_size: ImageSize, batch: int, generator: torch.Generator
-    ) -> torch.Tensor:
-        """``pixel_values`` [B, 3, H, W], one image per row."""
-        (pixels,), _ = self.example_inputs(image_size, batch, generator)
-        return pixels
 
     def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
         """Embed [B, 3, H, W]: one image per row, one segment."""

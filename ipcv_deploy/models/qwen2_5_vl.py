@@ -30,6 +30,7 @@ from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.models.base import ImageSize, register_adapter
 from ipcv_deploy.models.qwen2_vl import Qwen2VLAdapter, _Rope, _rotate
+from ipcv_deploy.models.qwen2_vl import tiny_config as qwen2_vl_tiny_config
 
 __all__ = ["Qwen25VLAdapter"]
 
@@ -215,21 +216,7 @@ def tiny_config(depth: int = 12) -> Qwen2_5_VLConfig:
             "fullatt_block_indexes": [5, depth - 1],
             "initializer_range": 0.1,
         },
-        text_config={
-            "vocab_size": 320,
-            "hidden_size": 96,
-            "intermediate_size": 192,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [4, 4, 4],
-            },
-        },
+        text_config=qwen2_vl_tiny_config().text_config.to_dict(),  # the same tiny LLM
         image_token_id=310,
         video_token_id=311,
         vision_start_token_id=312,

@@ -19,7 +19,7 @@ from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import InputError
 from ipcv_deploy.models.base import (
-    FamilyAdapter,
+    FixedImageAdapter,
     ImageSize,
     register_adapter,
     reject_layer_outputs,
@@ -35,7 +35,7 @@ class _Images:
 
 
 @register_adapter
-class SiglipAdapter(FamilyAdapter):
+class SiglipAdapter(FixedImageAdapter):
     """PaliGemma (SigLIP): per-image selection, no prefix token, features after the last block."""
 
     family = "PaliGemma (SigLIP)"
@@ -52,23 +52,6 @@ class SiglipAdapter(FamilyAdapter):
     def depth(self) -> int:
         """Number of SigLIP encoder layers."""
         return len(self.vision.encoder.layers)
-
-    def check_image_size(self, image_size: ImageSize) -> None:
-        """SigLIP takes images of the config's ``image_size`` (224 / 448 / 896 for PaliGemma)."""
-        side = int(self.vision.config.image_size)
-        if tuple(image_size) != (side, side):
-            raise InputError(
-                f"image size {image_size[0]}x{image_size[1]} does not fit {self.family}: the "
-                f"encoder takes {side}x{side} images; pass --image-size {side}x{side}"
-            )
-
-    def example_inputs(
-        self, image_size: ImageSize, batch: int, generator: torch.Generator
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """``pixel_values`` [B, 3, H, W]."""
-        self.check_image_size(image_size)
-        channels = self.vision.config.num_channels
-        return (self._random((batch, channels, *image_size), generator),), {}
 
     def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
         """Blocks and patch embedding at ``image_size`` (no CLS)."""
@@ -106,17 +89,6 @@ class SiglipAdapter(FamilyAdapter):
         return EncodedInput(
             emb.reshape(1, images * tokens, width), (tokens,) * images, _Images(tokens)
         )
-
-    def row_context(self, image_size: ImageSize) -> None:
-        """Nothing to precompute: position embeddings are part of the weights."""
-        self.check_image_size(image_size)
-
-    def row_inputs(
-        self, image_size: ImageSize, batch: int, generator: torch.Generator
-    ) -> torch.Tensor:
-        """``pixel_values`` [B, 3, H, W], one image per row."""
-        (pixels,), _ = self.example_inputs(image_size, batch, generator)
-        return pixels
 
     def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
         """Embed [B, 3, H, W]: one image per row, one segment."""

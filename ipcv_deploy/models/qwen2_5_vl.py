@@ -25,11 +25,11 @@ from transformers.vision_utils import (
     get_vision_window_index,
 )
 
-from ipcv_deploy.compression import EncodedInput, TokenSet, gather_tokens, segment_attention
+from ipcv_deploy.compression import EncodedInput, TokenSet, segment_attention
 from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.models.base import ImageSize, register_adapter
-from ipcv_deploy.models.qwen2_vl import Qwen2VLAdapter, _Rope, _rotate
+from ipcv_deploy.models.qwen2_vl import Qwen2VLAdapter, _Rope
 from ipcv_deploy.models.qwen2_vl import tiny_config as qwen2_vl_tiny_config
 
 __all__ = ["Qwen25VLAdapter"]
@@ -138,13 +138,14 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        windows: _Windows,
+        enc: EncodedInput,
         q_tokens: TokenSet,
         k_tokens: TokenSet,
     ) -> torch.Tensor:
-        """Attention of block ``index``: within images, or within windows for windowed blocks."""
+        """Within images for full-attention blocks, else within windows (kept: a mask)."""
         if not self._windowed(index):
-            return segment_attention(q, k, v, q_tokens.lengths, k_tokens.lengths)
+            return super()._attend(index, q, k, v, enc, q_tokens, k_tokens)
+        windows: _Windows = enc.context
         if q_tokens.index is None and k_tokens.index is None:
             return segment_attention(q, k, v, windows.windows, windows.windows)
 
@@ -158,37 +159,6 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=same.unsqueeze(1)
         )
         return out.transpose(1, 2)
-
-    def block(
-        self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
-    ) -> torch.Tensor:
-        """``Qwen2_5_VLVisionBlock`` on a token subset, kept tokens inside their windows."""
-        blk = self.vision.blocks[index]
-        windows: _Windows = enc.context
-        cos, sin = windows.of(tokens.index)
-        q, k, v = blk.attn.qkv(blk.norm1(x)).unflatten(-1, (3, blk.attn.num_heads, -1)).unbind(2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        out = self._attend(index, q, k, v, windows, tokens, tokens)
-        x = x + blk.attn.proj(out.flatten(2))
-        return x + blk.mlp(blk.norm2(x))
-
-    def stabilized_block(
-        self, index: int, full: torch.Tensor, enc: EncodedInput, kept: TokenSet
-    ) -> torch.Tensor:
-        """Kept-token queries over all keys/values of their image, or of their window."""
-        assert kept.index is not None
-        blk = self.vision.blocks[index]
-        windows: _Windows = enc.context
-        width, heads, idx = full.shape[-1], blk.attn.num_heads, kept.index
-        weight, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
-        h = blk.norm1(full)
-        q = F.linear(gather_tokens(h, idx), weight[:width], bias[:width]).unflatten(-1, (heads, -1))
-        k, v = F.linear(h, weight[width:], bias[width:]).unflatten(-1, (2, heads, -1)).unbind(2)
-        q = _rotate(q, *windows.of(idx))
-        k = _rotate(k, windows.cos, windows.sin)
-        out = self._attend(index, q, k, v, windows, kept, TokenSet(enc.segments))
-        x = gather_tokens(full, idx) + blk.attn.proj(out.flatten(2))
-        return x + blk.mlp(blk.norm2(x))
 
     def head(self, full: torch.Tensor, enc: EncodedInput) -> BaseModelOutputWithPooling:
         """Merger on the window-ordered grid, its output put back in raster order."""

@@ -174,8 +174,8 @@ class Qwen2VLAdapter(FamilyAdapter):
         rope: _Rope = enc.context
         cos, sin = rope.of(tokens.index)
         q, k, v = blk.attn.qkv(blk.norm1(x)).unflatten(-1, (3, blk.attn.num_heads, -1)).unbind(2)
-        out = segment_attention(
-            _rotate(q, cos, sin), _rotate(k, cos, sin), v, tokens.lengths, tokens.lengths
+        out = self._attend(
+            index, _rotate(q, cos, sin), _rotate(k, cos, sin), v, enc, tokens, tokens
         )
         x = x + blk.attn.proj(out.flatten(2))
         return x + blk.mlp(blk.norm2(x))
@@ -192,15 +192,23 @@ class Qwen2VLAdapter(FamilyAdapter):
         h = blk.norm1(full)
         q = F.linear(gather_tokens(h, idx), weight[:width], bias[:width]).unflatten(-1, (heads, -1))
         k, v = F.linear(h, weight[width:], bias[width:]).unflatten(-1, (2, heads, -1)).unbind(2)
-        out = segment_attention(
-            _rotate(q, *rope.of(idx)),
-            _rotate(k, rope.cos, rope.sin),
-            v,
-            kept.lengths,
-            enc.segments,
-        )
+        q, k = _rotate(q, *rope.of(idx)), _rotate(k, rope.cos, rope.sin)
+        out = self._attend(index, q, k, v, enc, kept, TokenSet(enc.segments))
         x = gather_tokens(full, idx) + blk.attn.proj(out.flatten(2))
         return x + blk.mlp(blk.norm2(x))
+
+    def _attend(
+        self,
+        index: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        enc: EncodedInput,
+        q_tokens: TokenSet,
+        k_tokens: TokenSet,
+    ) -> torch.Tensor:
+        """Attention of block ``index``: every block attends within images / frames."""
+        return segment_attention(q, k, v, q_tokens.lengths, k_tokens.lengths)
 
     def head(self, full: torch.Tensor, enc: EncodedInput) -> BaseModelOutputWithPooling:
         """PatchMerger on the restored grid; rows are flattened as the dense tower packs them."""

@@ -21,6 +21,7 @@ __all__ = [
     "get_adapter",
     "register_adapter",
     "supported_model_types",
+    "tiny_text_config",
 ]
 
 ImageSize = tuple[int, int]
@@ -192,6 +193,22 @@ class FixedImageAdapter(FamilyAdapter):
         """``pixel_values`` [B, C, H, W], one image per row."""
         (pixels,), _ = self.example_inputs(image_size, batch, generator)
         return pixels
+
+
+def tiny_text_config(model_type: str, **extra: Any) -> dict[str, Any]:
+    """The 2-layer LLM (vocab 320, width 96) of the tiny presets, as a transformers config dict."""
+    return {
+        "model_type": model_type,
+        "vocab_size": 320,
+        "hidden_size": 96,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **extra,
+    }
 
 
 def reject_layer_outputs(kwargs: dict[str, Any], depth: int) -> None:

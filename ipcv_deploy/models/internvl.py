@@ -24,6 +24,7 @@ from ipcv_deploy.models.base import (
     ImageSize,
     register_adapter,
     reject_layer_outputs,
+    tiny_text_config,
 )
 
 __all__ = ["InternVLAdapter"]
@@ -188,17 +189,7 @@ def tiny_config(depth: int = 10, image_size: int = 112) -> InternVLConfig:
             "layer_scale_init_value": 1.0,
             "initializer_range": 0.1,
         },
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": 320,
-            "hidden_size": 96,
-            "intermediate_size": 192,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        },
+        text_config=tiny_text_config("qwen2"),
         image_token_id=310,
         image_seq_length=(image_size // 28) ** 2,
     )

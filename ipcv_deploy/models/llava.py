@@ -26,7 +26,7 @@ from ipcv_deploy.compression import EncodedInput, TokenSet
 from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ConfigError, InputError, UnsupportedModelError
-from ipcv_deploy.models.base import FixedImageAdapter, ImageSize, register_adapter
+from ipcv_deploy.models.base import FixedImageAdapter, ImageSize, register_adapter, tiny_text_config
 from ipcv_deploy.models.prenorm_vit import prenorm_block, prenorm_stabilized_block
 
 __all__ = ["LlavaAdapter", "LlavaNextAdapter"]
@@ -211,17 +211,7 @@ def tiny_config(depth: int = 7, image_size: int = 112) -> LlavaConfig:
             initializer_range=0.1,
             initializer_factor=5.0,
         ),
-        text_config={
-            "model_type": "llama",
-            "vocab_size": 320,
-            "hidden_size": 96,
-            "intermediate_size": 192,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        },
+        text_config=tiny_text_config("llama"),
         image_token_index=310,
         image_seq_length=(image_size // 14) ** 2,
     )

@@ -23,6 +23,7 @@ from ipcv_deploy.models.base import (
     ImageSize,
     register_adapter,
     reject_layer_outputs,
+    tiny_text_config,
 )
 from ipcv_deploy.models.prenorm_vit import prenorm_block, prenorm_stabilized_block
 
@@ -133,18 +134,7 @@ def tiny_config(depth: int = 6, image_size: int = 112) -> PaliGemmaConfig:
             "projection_dim": 96,
             "vision_use_head": False,  # as PaliGemma's SigLIP
         },
-        text_config={
-            "model_type": "gemma",
-            "vocab_size": 320,
-            "hidden_size": 96,
-            "intermediate_size": 192,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 24,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        },
+        text_config=tiny_text_config("gemma", head_dim=24),
         image_token_index=310,
         vocab_size=320,
         projection_dim=96,

@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def _commands() -> dict[str, ModuleType]:
-    from ipcv_deploy.cli import bench, build, demo, export, inspect, verify
+    from ipcv_deploy.cli import bench, build, demo, evaluate, export, inspect, run, verify
 
     return {
         "demo": demo,
@@ -25,6 +25,8 @@ def _commands() -> dict[str, ModuleType]:
         "inspect": inspect,
         "build": build,
         "bench": bench,
+        "run": run,
+        "eval": evaluate,
     }
 
 

@@ -1,9 +1,13 @@
-"""Benchmarks: analytic FLOPs (--flops), PyTorch latency (--latency), ONNX Runtime (--ort).
+"""Benchmarks: FLOPs, PyTorch and ONNX Runtime latency, kernels, end-to-end runtime.
+
+--flops: analytic FLOPs report; --latency: PyTorch eager, dense vs IPCV.
 
 --ort exports dense and IPCV artifacts (peak RSS measured per export) and times both on ONNX
 Runtime CPU next to PyTorch eager dense, with the ipcv ops' share of ORT time (profiler).
 Prints a table (or one JSON document with --json) and writes the JSON to --out.
 Default models: the full-size Qwen2-VL-7B ViT and InternViT-300M with random weights.
+--runtime times whole answers (vision + LLM) on Qwen2-VL-2B shapes: time to first token and
+decode tokens/s for dense, IPCV, DART, IPCV + DART and TokenCarve.
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ from ipcv_deploy.cli.options import (
     print_json,
 )
 from ipcv_deploy.errors import ConfigError
-from ipcv_deploy.models import BENCHMARK_PRESETS, load_model, parse_dtype
+from ipcv_deploy.models import (
+    BENCHMARK_PRESETS,
+    RUNTIME_BENCHMARK_PRESET,
+    load_model,
+    parse_dtype,
+)
 
 SPEEDUP_GOAL = 0.85  # speed-up at least 85% of the FLOP ratio
 
@@ -38,6 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ort", action="store_true", help="export, then ONNX Runtime latency, dense vs IPCV"
+    )
+    parser.add_argument(
+        "--runtime",
+        action="store_true",
+        help=f"TTFT and decode speed of whole answers (default model {RUNTIME_BENCHMARK_PRESET})",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=16, help="tokens decoded per answer (--runtime)"
+    )
+    parser.add_argument(
+        "--llm-keep", type=float, default=0.35, help="LLM-side pruning keep ratio (--runtime)"
     )
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (--ort)")
     parser.add_argument(
@@ -70,8 +90,12 @@ def run(args: argparse.Namespace) -> int:
     """Run the requested benchmarks over the models."""
     if args.kernels:
         return _run_kernels(args)
+    if args.runtime:
+        return _run_runtime(args)
     if not (args.flops or args.latency or args.ort):
-        raise ConfigError("pick at least one benchmark: --flops, --latency, --ort or --kernels")
+        raise ConfigError(
+            "pick at least one benchmark: --flops, --latency, --ort, --runtime or --kernels"
+        )
     if args.batch < 1 or args.runs < 1:
         raise ConfigError(f"--batch and --runs must be >= 1, got {args.batch} and {args.runs}")
     names = args.models or ([args.model] if args.model else list(BENCHMARK_PRESETS))
@@ -221,5 +245,36 @@ def _run_kernels(args: argparse.Namespace) -> int:
     ]
     headers = ["shape", "op", "= reference", "kernel ms", "torch op ms", "bandwidth floor ms"]
     print(format_table(headers, rows))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _run_runtime(args: argparse.Namespace) -> int:
+    from ipcv_deploy.bench.report import progress
+    from ipcv_deploy.bench.runtime import RUNTIME_HEADERS, runtime_benchmark, runtime_table
+
+    if args.runs < 1:
+        raise ConfigError(f"--runs must be >= 1, got {args.runs}")
+    name = args.model or RUNTIME_BENCHMARK_PRESET
+    progress(f"building {name} ...")
+    loaded = load_model(name, parse_dtype(args.dtype), args.seed)
+    report = {
+        "machine": machine_info(),
+        "runtime": runtime_benchmark(
+            loaded, args.runs, args.max_new_tokens, args.llm_keep, progress
+        ),
+    }
+    out = args.out or Path("engines") / "bench" / "runtime.json"
+    write_json(out, report)
+    if args.json:
+        print_json(report)
+        return 0
+    r, m = report["runtime"], report["machine"]
+    print(
+        f"{r['model']}, {r['image_size'][0]}x{r['image_size'][1]} image, torch vision backend, "
+        f"{m['cpu']}, {m['torch_threads']} threads; median of {r['runs']} runs, "
+        f"{r['new_tokens']} new tokens"
+    )
+    print(format_table(RUNTIME_HEADERS, runtime_table(r)))
     print(f"\nwrote {out}")
     return 0

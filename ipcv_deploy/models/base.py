@@ -196,13 +196,13 @@ class FixedImageAdapter(FamilyAdapter):
 
 
 def tiny_text_config(model_type: str, **extra: Any) -> dict[str, Any]:
-    """The 2-layer LLM (vocab 320, width 96) of the tiny presets, as a transformers config dict."""
+    """The 4-layer LLM (vocab 320, width 96) of the tiny presets, as a transformers config dict."""
     return {
         "model_type": model_type,
         "vocab_size": 320,
         "hidden_size": 96,
         "intermediate_size": 192,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "bos_token_id": 1,

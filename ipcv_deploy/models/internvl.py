@@ -176,7 +176,7 @@ class _Projector(nn.Module):
 
 
 def tiny_config(depth: int = 10, image_size: int = 112) -> InternVLConfig:
-    """A few-block InternVL with a 2-layer Qwen2 LLM for tests and ``demo`` (vocab 320)."""
+    """A few-block InternVL with a 4-layer Qwen2 LLM for tests and ``demo`` (vocab 320)."""
     return InternVLConfig(
         vision_config={
             "hidden_size": 64,

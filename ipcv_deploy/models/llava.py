@@ -199,7 +199,7 @@ class _Projector(nn.Module):
 
 
 def tiny_config(depth: int = 7, image_size: int = 112) -> LlavaConfig:
-    """A few-block LLaVA (CLIP tower) with a 2-layer Llama LLM for tests (vocab 320)."""
+    """A few-block LLaVA (CLIP tower) with a 4-layer Llama LLM for tests (vocab 320)."""
     return LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=64,

@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_PRESET",
     "DTYPES",
     "PRESETS",
+    "RUNTIME_BENCHMARK_PRESET",
     "LoadedModel",
     "ModelPreset",
     "load_model",
@@ -88,7 +89,7 @@ PRESETS: dict[str, ModelPreset] = {
             "tiny-qwen2-vl",
             "qwen2_vl",
             (224, 224),
-            "12-block Qwen2-VL ViT (width 64) + 2-layer LLM, for tests and demo",
+            "12-block Qwen2-VL ViT (width 64) + 4-layer LLM, for tests and demo",
             _full("qwen2_vl", qwen2_vl.tiny_config),
             full_model=True,
         ),
@@ -96,7 +97,7 @@ PRESETS: dict[str, ModelPreset] = {
             "tiny-internvl",
             "internvl",
             (112, 112),
-            "10-block InternViT (width 64) + 2-layer Qwen2 LLM, for tests and demo",
+            "10-block InternViT (width 64) + 4-layer Qwen2 LLM, for tests and demo",
             _full("internvl", internvl.tiny_config),
             full_model=True,
         ),
@@ -104,7 +105,7 @@ PRESETS: dict[str, ModelPreset] = {
             "tiny-qwen2.5-vl",
             "qwen2_5_vl",
             (224, 224),
-            "12-block Qwen2.5-VL ViT (width 64, 112px windows, 2 full blocks) + 2-layer LLM",
+            "12-block Qwen2.5-VL ViT (width 64, 112px windows, 2 full blocks) + 4-layer LLM",
             _full("qwen2_5_vl", qwen2_5_vl.tiny_config),
             full_model=True,
         ),
@@ -112,7 +113,7 @@ PRESETS: dict[str, ModelPreset] = {
             "tiny-llava",
             "llava",
             (112, 112),
-            "7-block CLIP ViT (width 64) + 2-layer Llama LLM, for tests",
+            "7-block CLIP ViT (width 64) + 4-layer Llama LLM, for tests",
             _full("llava", llava.tiny_config),
             full_model=True,
         ),
@@ -128,8 +129,16 @@ PRESETS: dict[str, ModelPreset] = {
             "tiny-paligemma",
             "paligemma",
             (112, 112),
-            "6-block SigLIP ViT (width 64) + 2-layer Gemma LLM, for tests",
+            "6-block SigLIP ViT (width 64) + 4-layer Gemma LLM, for tests",
             _full("paligemma", siglip.tiny_config),
+            full_model=True,
+        ),
+        ModelPreset(
+            "qwen2-vl-2b",
+            "qwen2_vl",
+            (448, 448),
+            "Qwen2-VL-2B shapes: 32-block ViT (675M) + 28-layer 1.5B LLM, random weights",
+            _full("qwen2_vl", qwen2_vl.benchmark_2b_config),
             full_model=True,
         ),
         ModelPreset(
@@ -205,6 +214,8 @@ PRESETS: dict[str, ModelPreset] = {
 DEFAULT_PRESET = "tiny-qwen2-vl"
 #: The full-size towers ``bench`` measures when no model is named.
 BENCHMARK_PRESETS = ("qwen2-vl-7b-vit", "internvit-300m")
+#: The full model ``bench --runtime`` measures (vision + LLM) when no model is named.
+RUNTIME_BENCHMARK_PRESET = "qwen2-vl-2b"
 
 
 def parse_dtype(name: str) -> torch.dtype:

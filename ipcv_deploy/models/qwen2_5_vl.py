@@ -174,7 +174,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
 
 
 def tiny_config(depth: int = 12) -> Qwen2_5_VLConfig:
-    """A few-block Qwen2.5-VL (windowed blocks, full blocks 5 and 11) with a 2-layer LLM."""
+    """A few-block Qwen2.5-VL (windowed blocks, full blocks 5 and 11) with a 4-layer LLM."""
     return Qwen2_5_VLConfig(
         vision_config={
             "depth": depth,

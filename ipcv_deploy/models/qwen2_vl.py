@@ -219,7 +219,7 @@ class Qwen2VLAdapter(FamilyAdapter):
 
 
 def tiny_config(depth: int = 12) -> Qwen2VLConfig:
-    """A few-block Qwen2-VL with a 2-layer LLM for tests and ``demo`` (vocab 320)."""
+    """A few-block Qwen2-VL with a 4-layer LLM for tests and ``demo`` (vocab 320)."""
     return Qwen2VLConfig(
         vision_config={
             "depth": depth,
@@ -233,7 +233,7 @@ def tiny_config(depth: int = 12) -> Qwen2VLConfig:
             "vocab_size": 320,
             "hidden_size": 96,
             "intermediate_size": 192,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": 4,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "bos_token_id": 1,
@@ -248,4 +248,31 @@ def tiny_config(depth: int = 12) -> Qwen2VLConfig:
         video_token_id=311,
         vision_start_token_id=312,
         vision_end_token_id=313,
+    )
+
+
+def benchmark_2b_config() -> Qwen2VLConfig:
+    """Qwen2-VL-2B's shapes (675M ViT, 1.5B LLM) with the tiny tokenizer's special-token ids."""
+    return Qwen2VLConfig(
+        vision_config={"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "num_heads": 16},
+        text_config={
+            "vocab_size": 151936,
+            "hidden_size": 1536,
+            "intermediate_size": 8960,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": [16, 24, 24],
+            },
+        },
+        image_token_id=310,
+        video_token_id=311,
+        vision_start_token_id=312,
+        vision_end_token_id=313,
+        tie_word_embeddings=True,
     )

@@ -122,7 +122,7 @@ class SiglipAdapter(FixedImageAdapter):
 
 
 def tiny_config(depth: int = 6, image_size: int = 112) -> PaliGemmaConfig:
-    """A few-block PaliGemma (SigLIP tower) with a 2-layer Gemma LLM for tests (vocab 320)."""
+    """A few-block PaliGemma (SigLIP tower) with a 4-layer Gemma LLM for tests (vocab 320)."""
     return PaliGemmaConfig(
         vision_config={
             "hidden_size": 64,

@@ -1,0 +1,184 @@
+"""Answer a prompt about an image: vision backend (IPCV) + LLM (optional LLM-side pruning).
+
+Streams the answer, then reports time to first token, decode speed, the visual tokens left
+after each stage (ViT input, kept inside the IPCV blocks, LLM input, after LLM pruning) and
+the KV-cache size. Works offline on the built-in presets (tiny LLM and tokenizer built
+locally, random weights: the text is noise) and on local checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ipcv_deploy.bench.report import progress
+from ipcv_deploy.cli.options import (
+    add_ipcv_args,
+    add_model_args,
+    add_output_args,
+    ipcv_config,
+    parse_image_size,
+    print_json,
+)
+from ipcv_deploy.compression.llm_pruning import LLM_PRUNING_METHODS, LLMPruningConfig
+from ipcv_deploy.models import load_model, parse_dtype
+from ipcv_deploy.runtime import VISION_BACKENDS, SamplingConfig, VLMPipeline
+from ipcv_deploy.runtime.testcard import test_card
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``run``."""
+    add_model_args(parser)
+    add_ipcv_args(parser)
+    add_runtime_args(parser)
+    parser.add_argument("--image", type=Path, help="image file (default: a built-in test card)")
+    parser.add_argument("--prompt", default="Describe the image.", help="the question")
+    parser.add_argument(
+        "--raw-prompt",
+        action="store_true",
+        help="use --prompt as is (it must hold the image placeholder) instead of the chat template",
+    )
+    parser.add_argument("--no-stream", action="store_true", help="print the answer at the end")
+    add_output_args(parser)
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Vision backend, LLM-side pruning and decoding options (shared with ``eval``)."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--vision-backend", choices=VISION_BACKENDS, default="torch")
+    group.add_argument(
+        "--artifact", type=Path, help="export directory for --vision-backend ort|trt"
+    )
+    group.add_argument(
+        "--engine", type=Path, help="TensorRT engine dir (default ARTIFACT/trt-fp16)"
+    )
+    group.add_argument("--dense", action="store_true", help="torch backend without IPCV")
+    group.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    group.add_argument("--llm-pruning", choices=LLM_PRUNING_METHODS, help="LLM-side pruning")
+    group.add_argument(
+        "--llm-keep", type=float, default=0.35, help="image tokens kept by it (default 0.35)"
+    )
+    group.add_argument(
+        "--llm-layer", type=int, help="LLM layer it prunes before (default: the method's)"
+    )
+    group.add_argument("--max-new-tokens", type=int, default=32)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-p", type=float, default=1.0)
+
+
+def build_pipeline(args: argparse.Namespace) -> VLMPipeline:
+    """The pipeline the runtime options describe."""
+    pruning = None
+    if args.llm_pruning:
+        pruning = LLMPruningConfig(args.llm_pruning, args.llm_keep, args.llm_layer)
+    elif not 0 < args.llm_keep <= 1:
+        LLMPruningConfig("dart", args.llm_keep)  # the same one-line error
+    progress(f"loading {args.model} ...")
+    loaded = load_model(args.model, parse_dtype(args.dtype), args.seed)
+    image_size = parse_image_size(args.image_size) if args.image_size else None
+    ipcv = (
+        None if args.dense or args.vision_backend != "torch" else ipcv_config(args, loaded.adapter)
+    )
+    return VLMPipeline.create(
+        loaded,
+        vision_backend=args.vision_backend,
+        ipcv=ipcv,
+        artifact=args.artifact,
+        engine=args.engine,
+        image_size=image_size,
+        llm_pruning=pruning,
+        threads=args.threads,
+    )
+
+
+def sampling(args: argparse.Namespace) -> SamplingConfig:
+    """Decoding settings from the options."""
+    return SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+
+def describe(pipeline: VLMPipeline) -> str:
+    """One line: model, vision backend and IPCV, LLM-side pruning."""
+    vision = pipeline.vision
+    ipcv = vision.ipcv
+    vit = (
+        "dense"
+        if ipcv is None
+        else f"IPCV K={ipcv['prune_layer']} keep {ipcv['keep_ratio']:.0%} AS={ipcv['as_layers']}"
+    )
+    llm = "no LLM pruning"
+    if pipeline.llm_pruning is not None:
+        p = pipeline.llm_pruning
+        llm = f"{p.method} keep {p.keep:.0%} before layer {pipeline.llm_layer}"
+    return f"{pipeline.loaded.name}: vision {vision.name} ({vit}), {llm}"
+
+
+def format_stats(stats: dict[str, Any]) -> list[str]:
+    """The report lines after the answer."""
+    ms = {k: 1000 * v for k, v in stats.items() if k.endswith("_s")}
+    vt, kv = stats["visual_tokens"], stats["kv"]
+    after = "after LLM pruning" if stats["llm_pruning"] else "(no LLM pruning)"
+    speed = stats["decode_tokens_per_s"]
+    mb = 1 / 2**20
+    return [
+        f"time to first token  {ms['ttft_s']:.1f} ms (preprocess {ms['preprocess_s']:.1f}, "
+        f"vision {ms['vision_s']:.1f}, stitch {ms['stitch_s']:.1f}, prefill {ms['prefill_s']:.1f})",
+        "decode               "
+        + (f"{speed:.1f} tokens/s" if speed else "-")
+        + f" ({stats['new_tokens']} new tokens, {ms['decode_s']:.1f} ms after the first)",
+        f"visual tokens        ViT {vt['vit_input']} -> {vt['vit_kept']} in the IPCV blocks -> "
+        f"{vt['llm_input']} to the LLM -> {vt['llm_kept']} {after}",
+        f"KV cache             {kv['bytes_after_prefill'] * mb:.2f} MiB after prefill "
+        f"({kv['tokens_after_prefill']} of {kv['prompt_tokens']} prompt tokens; dense "
+        f"{kv['dense_bytes_after_prefill'] * mb:.2f} MiB), {kv['bytes_at_end'] * mb:.2f} MiB "
+        "at the end",
+    ]
+
+
+class _Streamer:
+    """Prints the new text of sample 0 after every token."""
+
+    def __init__(self, pipeline: VLMPipeline) -> None:
+        self.pipeline = pipeline
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, step: int, tokens: torch.Tensor) -> None:
+        self.ids.append(int(tokens[0]))
+        text = self.pipeline.decode(torch.tensor(self.ids))
+        if text.startswith(self.shown):
+            sys.stdout.write(text[len(self.shown) :])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load, answer, report."""
+    pipeline = build_pipeline(args)
+    image = args.image if args.image is not None else test_card()
+    stream = not (args.json or args.no_stream)
+    if not args.json:
+        print(describe(pipeline))
+        if args.image is None:
+            print("image: built-in test card (pass --image FILE for yours)")
+    if stream:
+        sys.stdout.write("answer: ")
+    result = pipeline.run(
+        [image],
+        [args.prompt],
+        sampling(args),
+        on_token=_Streamer(pipeline) if stream else None,
+        raw_prompt=args.raw_prompt,
+    )
+    if args.json:
+        print_json(
+            {"answer": result.answers[0], "tokens": result.tokens[0].tolist(), **result.stats}
+        )
+        return 0
+    print(f"answer: {result.answers[0]}" if not stream else "")
+    for line in format_stats(result.stats):
+        print(line)
+    return 0

@@ -1,0 +1,237 @@
+"""Prefill (with optional LLM-side pruning) and token-by-token decoding on a transformers LLM.
+
+The LLM is the checkpoint's own decoder (``language_model``) and head, called with
+``inputs_embeds`` at prefill and token embeddings after; the KV cache is transformers'
+``DynamicCache``. Positions are the model's own prefill positions (3-D mRoPE for Qwen2-VL),
+and every decoded token continues from the last prompt position, so pruned sequences keep
+the dense model's positions. Greedy by default; temperature / top-p sampling with a seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
+from ipcv_deploy.errors import ConfigError
+from ipcv_deploy.runtime.prefill import PrefillPruner, PruningOutcome
+
+__all__ = ["Generation", "LLMInputs", "SamplingConfig", "generate", "kv_cache_bytes"]
+
+#: Called after every decoding step with the step index and the new token of every sample.
+TokenCallback = Callable[[int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class LLMInputs:
+    """A padded (left) batch of prompts with image embeddings already stitched in.
+
+    Attributes:
+        input_ids: [B, L] token ids (image placeholders included).
+        attention_mask: [B, L] 1 on tokens, 0 on left padding.
+        inputs_embeds: [B, L, D] token embeddings with image features in placeholder rows.
+        position_ids: the model's prefill positions, [B, L] or [R, B, L] (mRoPE).
+        image_mask: [B, L] True on image placeholder rows.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    image_mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding settings.
+
+    ``temperature`` 0 is greedy; ``stop_at_eos`` False always decodes ``max_new_tokens``
+    (benchmarks).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(
+                f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, "
+                f"{self.top_p}"
+            )
+
+
+@dataclass
+class Generation:
+    """Generated tokens and what the LLM did.
+
+    Attributes:
+        tokens: [B, T] new tokens; after a sample's end-of-sequence, the pad id.
+        lengths: new tokens per sample, end-of-sequence included.
+        prefill_s: prefill time (prompt through all layers, first token chosen).
+        decode_s: time of the remaining steps.
+        prompt_tokens: prompt length (padded) before LLM-side pruning.
+        kv_tokens: cache length after prefill (after pruning).
+        kv_bytes: KV cache size after prefill.
+        pruning: what LLM-side pruning kept, if it ran.
+        scores: [B, T, V] logits of every step, when asked for.
+    """
+
+    tokens: torch.Tensor
+    lengths: list[int]
+    prefill_s: float
+    decode_s: float
+    prompt_tokens: int
+    kv_tokens: int
+    kv_bytes: int
+    pruning: PruningOutcome | None
+    scores: torch.Tensor | None = None
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, norm) inside a multimodal model."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "language_model", inner)
+
+
+def kv_cache_bytes(cache: DynamicCache) -> int:
+    """Bytes held by the keys and values of every layer."""
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )
+
+
+def _token_ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _choose(logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator) -> torch.Tensor:
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / sampling.temperature).softmax(-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    inputs: LLMInputs,
+    sampling: SamplingConfig,
+    pruning: LLMPruningConfig | None = None,
+    pruning_layer: int | None = None,
+    on_token: TokenCallback | None = None,
+    return_scores: bool = False,
+) -> Generation:
+    """Prefill ``inputs`` (pruning image tokens at ``pruning_layer`` if asked), then decode.
+
+    Args:
+        model: a transformers multimodal (or causal) LM; its vision tower is not used.
+        inputs: the stitched prompt batch.
+        sampling: decoding settings.
+        pruning: LLM-side pruning, or ``None``.
+        pruning_layer: ``K_llm`` (checked by the caller with ``resolve_layer``).
+        on_token: streaming callback.
+        return_scores: keep the logits of every step (``Generation.scores``).
+    """
+    decoder = language_model(model)
+    head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    generation_config = getattr(model, "generation_config", None)
+    eos = (
+        _token_ids(getattr(generation_config, "eos_token_id", None)) if sampling.stop_at_eos else []
+    )
+    pad = getattr(generation_config, "pad_token_id", None)
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    rng = torch.Generator().manual_seed(sampling.seed)
+    cache = DynamicCache(config=decoder.config)
+    mask = inputs.attention_mask
+
+    start = time.perf_counter()
+    pruner = None
+    if pruning is not None:
+        pruner = PrefillPruner(
+            decoder.layers,
+            decoder.config,
+            pruning,
+            pruning_layer,
+            inputs.image_mask,
+            inputs.attention_mask,
+        )
+    with pruner if pruner is not None else contextlib.nullcontext():
+        out = decoder(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=mask,
+            position_ids=inputs.position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    if pruner is not None:
+        mask = mask.gather(1, pruner.outcome.positions)
+    logits = head(out.last_hidden_state[:, -1])
+    scores = [logits] if return_scores else None
+    token = _choose(logits, sampling, rng)
+    prefill_s = time.perf_counter() - start
+    kv_tokens, kv_bytes = cache.get_seq_length(), kv_cache_bytes(cache)
+
+    batch = token.shape[0]
+    tokens = [token]
+    done = torch.isin(token, torch.tensor(eos, dtype=token.dtype))
+    lengths = [1] * batch
+    if on_token is not None:
+        on_token(0, token)
+    last_position = inputs.position_ids[..., -1:]
+    start = time.perf_counter()
+    for step in range(1, sampling.max_new_tokens):
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        out = decoder(
+            inputs_embeds=embed(token[:, None]),
+            attention_mask=mask,
+            position_ids=last_position + step,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = head(out.last_hidden_state[:, -1])
+        if scores is not None:
+            scores.append(logits)
+        token = _choose(logits, sampling, rng)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        for b in range(batch):
+            lengths[b] += int(not done[b])
+        done |= torch.isin(token, torch.tensor(eos, dtype=token.dtype))
+        tokens.append(token)
+        if on_token is not None:
+            on_token(step, token)
+    decode_s = time.perf_counter() - start
+    return Generation(
+        tokens=torch.stack(tokens, dim=1),
+        lengths=lengths,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        prompt_tokens=inputs.input_ids.shape[1],
+        kv_tokens=kv_tokens,
+        kv_bytes=kv_bytes,
+        pruning=pruner.outcome if pruner is not None else None,
+        scores=torch.stack(scores, dim=1) if scores is not None else None,
+    )

@@ -1,0 +1,288 @@
+"""Image + prompt -> answer: processor, vision backend, embedding stitch, LLM, streaming.
+
+``VLMPipeline`` is the Python API behind ``ipcv-export run`` and ``eval``; it takes batches
+(one image per prompt, left-padded), and reports time to first token, decode speed, the
+visual tokens left after each stage and the KV-cache size.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
+from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import ConfigError, InputError
+from ipcv_deploy.models import LoadedModel, load_model, parse_dtype
+from ipcv_deploy.models.processors import fit_processor, image_rows, load_processor
+from ipcv_deploy.runtime.generate import (
+    Generation,
+    LLMInputs,
+    SamplingConfig,
+    generate,
+    language_model,
+)
+from ipcv_deploy.runtime.vision import VisionEncoder, artifact_vision, torch_vision
+
+__all__ = ["ImageInput", "RunResult", "VLMPipeline", "load_image"]
+
+ImageInput = str | os.PathLike[str] | Image.Image
+#: Streaming callback: (step, new token of every sample).
+TokenCallback = Callable[[int, torch.Tensor], None]
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a path (or an image already opened).
+
+    Raises:
+        InputError: the file is missing or is not an image PIL can read.
+    """
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}; pass an existing image file")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise InputError(
+            f"cannot read image {path}: {str(err).splitlines()[0]}; pass a PNG/JPEG/... file"
+        ) from None
+
+
+@dataclass
+class RunResult:
+    """Answers and measurements of one batch.
+
+    ``stats`` holds seconds (``preprocess_s``, ``vision_s``, ``stitch_s``, ``prefill_s``,
+    ``ttft_s``, ``decode_s``), ``decode_tokens_per_s``, ``visual_tokens`` per stage, and the
+    KV cache (``kv``) after prefill and at the end, with the dense size for comparison.
+    """
+
+    answers: list[str]
+    tokens: torch.Tensor
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class VLMPipeline:
+    """A multimodal model served as vision backend + stitched LLM, with LLM-side pruning.
+
+    Args:
+        loaded: the full model (its LLM runs here; its tower only when ``vision`` is torch).
+        vision: the vision backend (``torch_vision`` / ``artifact_vision``).
+        processor: the model's processor (``models.processors.load_processor``).
+        llm_pruning: LLM-side pruning, or ``None``.
+        llm_layer: ``K_llm`` override (default: the method's reference layer).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        vision: VisionEncoder,
+        processor: Any,
+        llm_pruning: LLMPruningConfig | None = None,
+    ) -> None:
+        if loaded.model is None:
+            raise ConfigError(f"{loaded.name} has no LLM; `run` needs a full multimodal model")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.vision = vision
+        self.model_type = loaded.adapter.model_types[0]
+        self.processor = fit_processor(processor, self.model_type, vision.image_size)
+        self.llm_pruning = llm_pruning
+        config = self.model.config
+        self.image_token_id = int(
+            getattr(config, "image_token_id", None) or config.image_token_index
+        )
+        self.llm_layer = None
+        if llm_pruning is not None:
+            depth = language_model(self.model).config.num_hidden_layers
+            self.llm_layer = llm_pruning.resolve_layer(depth, vision.ipcv is not None)
+
+    @classmethod
+    def create(
+        cls,
+        model: str | LoadedModel,
+        *,
+        vision_backend: str = "torch",
+        ipcv: IPCVConfig | None = None,
+        artifact: Path | None = None,
+        engine: Path | None = None,
+        image_size: tuple[int, int] | None = None,
+        llm_pruning: LLMPruningConfig | None = None,
+        threads: int | None = None,
+        dtype: str = "float32",
+        seed: int = 0,
+    ) -> VLMPipeline:
+        """Load the model and processor and set up the vision backend.
+
+        ``vision_backend`` ``torch`` runs IPCV with ``ipcv`` (dense when ``None``) on the
+        model's tower; ``ort`` / ``trt`` run ``artifact`` (whose manifest fixes the IPCV
+        settings and image size).
+        """
+        loaded = (
+            model if isinstance(model, LoadedModel) else load_model(model, parse_dtype(dtype), seed)
+        )
+        if vision_backend == "torch":
+            if artifact is not None:
+                raise ConfigError("--artifact is for --vision-backend ort or trt, not torch")
+            vision = torch_vision(loaded, ipcv, image_size)
+        else:
+            if artifact is None:
+                raise ConfigError(
+                    f"--vision-backend {vision_backend} runs an exported encoder: pass --artifact "
+                    "DIR (written by `ipcv-export export`)"
+                )
+            vision = artifact_vision(loaded, Path(artifact), vision_backend, threads, engine)
+        return cls(loaded, vision, load_processor(loaded, vision.image_size), llm_pruning)
+
+    # --- prompt side ---------------------------------------------------------------------------
+    @property
+    def placeholder(self) -> str:
+        """The text the processor expands into image tokens."""
+        return self.processor.image_token
+
+    def format_prompt(self, prompt: str, raw: bool = False) -> str:
+        """The chat-templated prompt with one image, or ``prompt`` itself when ``raw``.
+
+        Raises:
+            InputError: a raw prompt without exactly one image placeholder, or a processor
+                without a chat template.
+        """
+        if raw:
+            count = prompt.count(self.placeholder)
+            if count != 1:
+                raise InputError(
+                    f"the prompt has {count} image placeholders {self.placeholder!r}; a raw prompt "
+                    f"needs exactly one (or leave out --raw-prompt to use the chat template)"
+                )
+            return prompt
+        if self.placeholder in prompt:
+            raise InputError(
+                f"the prompt contains the image placeholder {self.placeholder!r}; the chat "
+                "template adds it: remove it, or pass --raw-prompt to use the prompt as is"
+            )
+        if not getattr(self.processor, "chat_template", None):
+            raise InputError(
+                f"{self.loaded.name}'s processor has no chat template; pass --raw-prompt with a "
+                f"prompt that contains {self.placeholder!r}"
+            )
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+
+    def prepare(
+        self, images: Sequence[ImageInput], prompts: Sequence[str], raw_prompt: bool = False
+    ) -> tuple[LLMInputs, dict[str, float]]:
+        """Process, encode and stitch a batch; returns the LLM inputs and stage timings."""
+        if len(images) != len(prompts) or not images:
+            raise InputError(
+                f"one image per prompt: got {len(images)} images and {len(prompts)} prompts"
+            )
+        start = time.perf_counter()
+        height, width = self.vision.image_size
+        pil = [load_image(i).resize((width, height), Image.Resampling.BICUBIC) for i in images]
+        texts = [self.format_prompt(p, raw_prompt) for p in prompts]
+        try:
+            batch = self.processor(text=texts, images=pil, return_tensors="pt", padding=True)
+        except ValueError as err:
+            raise InputError(
+                f"the processor refused the prompt: {str(err).splitlines()[0]}"
+            ) from None
+        timings = {"preprocess_s": time.perf_counter() - start}
+
+        start = time.perf_counter()
+        rows = image_rows(self.model_type, batch["pixel_values"], len(pil))
+        embeds = self.vision.backend(rows)["image_embeds"]
+        timings["vision_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        image_mask = ids == self.image_token_id
+        per_image = embeds.shape[1]
+        counts = image_mask.sum(1)
+        if bool((counts != per_image).any()):
+            raise InputError(
+                f"the prompts hold {counts.tolist()} image tokens but the encoder gives "
+                f"{per_image} per image; use the model's own processor and image size"
+            )
+        with torch.no_grad():
+            inputs_embeds = self.model.get_input_embeddings()(ids)
+            inputs_embeds[image_mask] = embeds.reshape(-1, embeds.shape[-1]).to(inputs_embeds)
+        extra = {
+            k: v
+            for k, v in batch.items()
+            if k not in ("input_ids", "attention_mask", "pixel_values")
+        }
+        positions = self.model._prepare_position_ids_for_generation(
+            ids, {"input_ids": ids, "attention_mask": mask, **extra}
+        )
+        timings["stitch_s"] = time.perf_counter() - start
+        return LLMInputs(ids, mask, inputs_embeds, positions, image_mask), timings
+
+    def run(
+        self,
+        images: Sequence[ImageInput],
+        prompts: Sequence[str],
+        sampling: SamplingConfig | None = None,
+        on_token: TokenCallback | None = None,
+        raw_prompt: bool = False,
+    ) -> RunResult:
+        """Answer every (image, prompt) pair of the batch."""
+        sampling = sampling or SamplingConfig()
+        inputs, timings = self.prepare(images, prompts, raw_prompt)
+        gen = generate(self.model, inputs, sampling, self.llm_pruning, self.llm_layer, on_token)
+        answers = [self.decode(gen.tokens[b, : gen.lengths[b]]) for b in range(len(prompts))]
+        return RunResult(answers, gen.tokens, self._stats(inputs, gen, timings))
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        """Text of generated token ids, special tokens dropped."""
+        return self.processor.decode(tokens, skip_special_tokens=True)
+
+    def _stats(
+        self, inputs: LLMInputs, gen: Generation, timings: dict[str, float]
+    ) -> dict[str, Any]:
+        per_image = int(inputs.image_mask[0].sum())
+        llm_kept = per_image if gen.pruning is None else int(gen.pruning.image_kept.shape[1])
+        new_tokens = sum(gen.lengths)
+        batch = len(gen.lengths)
+        per_token = gen.kv_bytes // max(gen.kv_tokens, 1)
+        ttft = sum(timings.values()) + gen.prefill_s
+        return {
+            **timings,
+            "prefill_s": gen.prefill_s,
+            "ttft_s": ttft,
+            "decode_s": gen.decode_s,
+            "new_tokens": new_tokens,
+            "decode_tokens_per_s": (new_tokens - batch) / gen.decode_s if gen.decode_s else None,
+            "batch": batch,
+            "visual_tokens": {
+                "vit_input": self.vision.tokens_per_image,
+                "vit_kept": self.vision.kept_per_image,
+                "llm_input": per_image,
+                "llm_kept": llm_kept,
+            },
+            "kv": {
+                "prompt_tokens": gen.prompt_tokens,
+                "tokens_after_prefill": gen.kv_tokens,
+                "bytes_after_prefill": gen.kv_bytes,
+                "dense_bytes_after_prefill": per_token * gen.prompt_tokens,
+                "bytes_at_end": per_token * (gen.kv_tokens + gen.tokens.shape[1] - 1),
+            },
+            "vision_backend": self.vision.name,
+            "ipcv": self.vision.ipcv,
+            "llm_pruning": None
+            if self.llm_pruning is None
+            else {**self.llm_pruning.to_dict(), "layer": self.llm_layer},
+        }

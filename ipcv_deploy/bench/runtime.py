@@ -14,7 +14,7 @@ from typing import Any
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
 from ipcv_deploy.models import LoadedModel
 from ipcv_deploy.runtime import SamplingConfig, VLMPipeline
-from ipcv_deploy.runtime.testcard import test_card
+from ipcv_deploy.runtime.testcard import make_test_card
 
 __all__ = ["RUNTIME_HEADERS", "runtime_benchmark", "runtime_table"]
 
@@ -40,7 +40,7 @@ def runtime_benchmark(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Median TTFT (with its vision / prefill parts), decode tokens/s and KV size per variant."""
-    image = test_card()
+    image = make_test_card()
     sampling = SamplingConfig(max_new_tokens, stop_at_eos=False)
     rows = []
     for name, (ipcv, pruning) in _variants(llm_keep).items():

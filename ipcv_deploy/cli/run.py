@@ -27,7 +27,7 @@ from ipcv_deploy.cli.options import (
 from ipcv_deploy.compression.llm_pruning import LLM_PRUNING_METHODS, LLMPruningConfig
 from ipcv_deploy.models import load_model, parse_dtype
 from ipcv_deploy.runtime import VISION_BACKENDS, SamplingConfig, VLMPipeline
-from ipcv_deploy.runtime.testcard import test_card
+from ipcv_deploy.runtime.testcard import make_test_card
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,7 +158,7 @@ class _Streamer:
 def run(args: argparse.Namespace) -> int:
     """Load, answer, report."""
     pipeline = build_pipeline(args)
-    image = args.image if args.image is not None else test_card()
+    image = args.image if args.image is not None else make_test_card()
     stream = not (args.json or args.no_stream)
     if not args.json:
         print(describe(pipeline))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["test_card"]
+__all__ = ["make_test_card"]
 
 
-def test_card(height: int = 336, width: int = 448) -> Image.Image:
+def make_test_card(height: int = 336, width: int = 448) -> Image.Image:
     """Colour bars over a horizontal gradient with a dark square: structure at every scale."""
     y, x = np.mgrid[0:height, 0:width]
     bars = np.array(

@@ -1,0 +1,200 @@
+"""The runtime end to end on the tiny presets: processor, vision backends, stitch, answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ipcv_deploy.cli import main
+from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
+from ipcv_deploy.errors import ArtifactError, InputError
+from ipcv_deploy.models import load_model
+from ipcv_deploy.runtime import SamplingConfig, VLMPipeline
+from ipcv_deploy.runtime.evaluate import evaluate, load_items, score_answer
+from ipcv_deploy.runtime.testcard import make_test_card
+from tests.conftest import export_tiny
+
+RUNTIME_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl", "tiny-llava")
+PROMPTS = ["What is this?", "Count the colour bars from left to right, please."]
+
+
+def _images(pipeline: VLMPipeline) -> list:
+    h, w = pipeline.vision.image_size
+    return [make_test_card().resize((w, h)), make_test_card(120, 90).resize((w, h))]
+
+
+@pytest.mark.parametrize("name", RUNTIME_PRESETS)
+def test_ipcv_keep_all_generates_what_the_dense_hf_model_does(name: str) -> None:
+    """IPCV at keep 1.0, no LLM pruning: token for token the transformers model's generate,
+    on a left-padded batch, from the model's own processor outputs."""
+    loaded = load_model(name)
+    keep_all = dataclasses.replace(loaded.adapter.reference_ipcv(), keep_ratio=1.0)
+    pipeline = VLMPipeline.create(loaded, ipcv=keep_all)
+    images = _images(pipeline)
+    texts = [pipeline.format_prompt(p) for p in PROMPTS]
+    batch = pipeline.processor(text=texts, images=images, return_tensors="pt", padding=True)
+    assert int(batch["attention_mask"].sum(1).min()) < batch["input_ids"].shape[1]  # padded
+    ref = loaded.model.generate(**batch, max_new_tokens=6, do_sample=False)
+    ours = pipeline.run(images, PROMPTS, SamplingConfig(6))
+    assert torch.equal(ours.tokens, ref[:, batch["input_ids"].shape[1] :])
+    assert ours.stats["visual_tokens"]["vit_kept"] == ours.stats["visual_tokens"]["vit_input"]
+
+
+def test_batch_equals_single_prompts_with_ipcv_and_dart() -> None:
+    pipeline = VLMPipeline.create(
+        "tiny-qwen2-vl",
+        ipcv=load_model("tiny-qwen2-vl").adapter.reference_ipcv(),
+        llm_pruning=LLMPruningConfig("dart", 0.35),
+    )
+    images = _images(pipeline)
+    together = pipeline.run(images, PROMPTS, SamplingConfig(5))
+    for b in range(2):
+        alone = pipeline.run([images[b]], [PROMPTS[b]], SamplingConfig(5))
+        assert torch.equal(together.tokens[b], alone.tokens[0])
+        assert alone.answers[0] == together.answers[b]
+    vt = together.stats["visual_tokens"]
+    assert (vt["vit_input"], vt["llm_input"], vt["llm_kept"]) == (256, 64, 4 + 8 * 2)
+    assert together.stats["llm_pruning"]["layer"] == 3  # DART after IPCV
+    kv = together.stats["kv"]
+    assert kv["tokens_after_prefill"] == kv["prompt_tokens"] - (64 - 20)
+
+
+@pytest.fixture(scope="module")
+def qwen_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runtime") / "tiny-qwen2-vl"
+    export_tiny("tiny-qwen2-vl", out, target="ort")
+    return out
+
+
+def test_onnxruntime_vision_answers_like_torch(qwen_artifact: Path) -> None:
+    loaded = load_model("tiny-qwen2-vl")
+    ort = VLMPipeline.create(loaded, vision_backend="ort", artifact=qwen_artifact)
+    torch_ = VLMPipeline.create(loaded, ipcv=loaded.adapter.reference_ipcv())
+    images = _images(ort)
+    a = ort.run(images, PROMPTS, SamplingConfig(6))
+    b = torch_.run(images, PROMPTS, SamplingConfig(6))
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.stats["vision_backend"] == "onnxruntime"
+    assert a.stats["visual_tokens"] == b.stats["visual_tokens"]
+
+
+def test_artifact_of_another_model_is_refused(qwen_artifact: Path) -> None:
+    with pytest.raises(ArtifactError, match="does not belong to this model.*seed 1"):
+        VLMPipeline.create(
+            load_model("tiny-qwen2-vl", seed=1), vision_backend="ort", artifact=qwen_artifact
+        )
+    with pytest.raises(ArtifactError, match="Qwen2-VL encoder, the LLM is InternVL"):
+        VLMPipeline.create("tiny-internvl", vision_backend="ort", artifact=qwen_artifact)
+
+
+def test_prompt_placeholder_rules() -> None:
+    pipeline = VLMPipeline.create("tiny-llava")
+    assert pipeline.format_prompt("hi").count("<image>") == 1
+    assert pipeline.format_prompt("USER: <image>\nhi ASSISTANT:", raw=True)
+    with pytest.raises(InputError, match="needs exactly one"):
+        pipeline.format_prompt("no image here", raw=True)
+    with pytest.raises(InputError, match="the chat template adds it"):
+        pipeline.format_prompt("<image> twice")
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_cli_streams_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "card.png"
+    make_test_card().save(image)
+    code, out, _ = _cli(
+        capsys, "run", "--image", str(image), "--llm-pruning", "fastv", "--max-new-tokens", "4"
+    )
+    assert code == 0
+    assert "answer: " in out and "time to first token" in out and "KV cache" in out
+    assert "ViT 256 -> 89 in the IPCV blocks -> 64 to the LLM -> 22 after LLM pruning" in out
+    code, out, _ = _cli(capsys, "run", "--max-new-tokens", "3", "--dense", "--json")
+    report = json.loads(out)
+    assert report["visual_tokens"] == {
+        "vit_input": 256,
+        "vit_kept": 256,
+        "llm_input": 64,
+        "llm_kept": 64,
+    }
+    assert len(report["tokens"]) <= 3 and report["ipcv"] is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image", "missing.png"], "image not found: missing.png"),
+        (["--image", "NOTIMAGE"], "cannot read image"),
+        (["--raw-prompt", "--prompt", "no placeholder"], "image placeholders"),
+        (["--llm-pruning", "dart", "--llm-keep", "1.5"], r"--llm-keep must be in (0, 1]"),
+        (["--llm-keep", "0"], r"--llm-keep must be in (0, 1]"),
+        (["--llm-pruning", "tokencarve", "--llm-layer", "9"], "does not fit an LLM of 4 layers"),
+        (["--vision-backend", "ort"], "pass --artifact"),
+        (["--model", "tiny-paligemma"], "does not support model_type 'paligemma'"),
+        (["--model", "qwen2-vl-7b-vit"], "without an LLM"),
+    ],
+)
+def test_run_cli_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    not_image = tmp_path / "fake.png"
+    not_image.write_text("this is text")
+    argv = [str(not_image) if a == "NOTIMAGE" else a for a in argv]
+    code, _, err = _cli(capsys, "run", "--max-new-tokens", "2", *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], err
+
+
+def test_eval_on_a_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    loaded = load_model("tiny-qwen2-vl")
+    dense = VLMPipeline.create(loaded)
+    cards = [make_test_card(), make_test_card(200, 300), make_test_card(90, 90)]
+    questions = ["What is shown?", "Which colour is first?", "Is there a square?"]
+    truth = dense.run(cards, questions, SamplingConfig(4)).answers
+    lines = []
+    for i, (card, question) in enumerate(zip(cards, questions, strict=True)):
+        card.save(tmp_path / f"{i}.png")
+        answer = truth[i] if i < 2 else ["zebra", "giraffe"]
+        lines.append(json.dumps({"image": f"{i}.png", "question": question, "answer": answer}))
+    (tmp_path / "vqa.jsonl").write_text("\n".join(lines) + "\n")
+    items = load_items(tmp_path)
+    report = evaluate({"dense": dense}, items, SamplingConfig(4), batch_size=2)
+    assert report["variants"]["dense"]["exact_match"] == pytest.approx(2 / 3)
+    assert report["variants"]["dense"]["agreement"] == 1.0
+    out_file = tmp_path / "report.json"
+    code, out, _ = _cli(
+        capsys,
+        "eval",
+        str(tmp_path),
+        "--max-new-tokens",
+        "4",
+        "--batch",
+        "2",
+        "--out",
+        str(out_file),
+    )
+    assert code == 0 and "same as dense" in out
+    saved = json.loads(out_file.read_text())
+    assert saved["variants"]["dense"]["exact_match"] == pytest.approx(2 / 3)
+    assert set(saved["variants"]) == {"dense", "compressed"}
+    assert saved["variants"]["compressed"]["visual_tokens"]["vit_kept"] == 89
+
+
+def test_scoring_and_data_errors(tmp_path: Path) -> None:
+    assert score_answer("The Cat.", ["cat"]) == {"exact": True, "contains": True}
+    assert score_answer("a black cat sits", ["cat", "dog"]) == {"exact": False, "contains": True}
+    assert score_answer("category", ["cat"]) == {"exact": False, "contains": False}
+    with pytest.raises(InputError, match="not found"):
+        load_items(tmp_path / "none.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png"}\n')
+    with pytest.raises(InputError, match="bad.jsonl:1 is not an object with image, question"):
+        load_items(bad)

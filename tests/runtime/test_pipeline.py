@@ -83,7 +83,7 @@ def test_onnxruntime_vision_answers_like_torch(qwen_artifact: Path) -> None:
 
 
 def test_artifact_of_another_model_is_refused(qwen_artifact: Path) -> None:
-    with pytest.raises(ArtifactError, match="does not belong to this model.*seed 1"):
+    with pytest.raises(ArtifactError, match=r"does not belong to this model.*seed 1"):
         VLMPipeline.create(
             load_model("tiny-qwen2-vl", seed=1), vision_backend="ort", artifact=qwen_artifact
         )
@@ -196,5 +196,5 @@ def test_scoring_and_data_errors(tmp_path: Path) -> None:
         load_items(tmp_path / "none.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "a.png"}\n')
-    with pytest.raises(InputError, match="bad.jsonl:1 is not an object with image, question"):
+    with pytest.raises(InputError, match=r"bad\.jsonl:1 is not an object with image, question"):
         load_items(bad)

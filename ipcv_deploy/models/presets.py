@@ -317,4 +317,6 @@ def _default_image_size(vision: nn.Module) -> ImageSize:
     size = getattr(vision.config, "image_size", None)
     if isinstance(size, (list, tuple)):
         return int(size[0]), int(size[1])
-    return 448, 448
+    if isinstance(size, int):
+        return size, size
+    return 448, 448  # Qwen2-VL / Qwen2.5-VL towers take any multiple of 28

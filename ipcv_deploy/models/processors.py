@@ -192,11 +192,12 @@ def load_processor(loaded: LoadedModel, image_size: ImageSize) -> Any:
     else:
         try:
             processor = AutoProcessor.from_pretrained(Path(loaded.name))
-        except (OSError, ValueError, TypeError) as err:
+        except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
             raise ArtifactError(
                 f"could not load the processor of {loaded.name}: "
-                f"{str(err).splitlines()[0]}; the directory needs the processor / tokenizer "
-                "files saved with the model (processor.save_pretrained)"
+                f"{str(err).splitlines()[0]}; the directory needs the processor and tokenizer "
+                "files saved with the model, and transformers' Qwen / InternVL processors need "
+                "torchvision for their video part (pip install the torchvision matching torch)"
             ) from None
     return fit_processor(processor, model_type, image_size)
 

@@ -198,3 +198,16 @@ def test_scoring_and_data_errors(tmp_path: Path) -> None:
     bad.write_text('{"image": "a.png"}\n')
     with pytest.raises(InputError, match=r"bad\.jsonl:1 is not an object with image, question"):
         load_items(bad)
+
+
+def test_checkpoint_directory_uses_its_own_processor(tmp_path: Path) -> None:
+    loaded = load_model("tiny-llava")
+    loaded.model.save_pretrained(tmp_path)
+    VLMPipeline.create(loaded).processor.save_pretrained(tmp_path)
+    from_dir = VLMPipeline.create(str(tmp_path)).run([make_test_card()], ["hi"], SamplingConfig(3))
+    preset = VLMPipeline.create(loaded).run([make_test_card()], ["hi"], SamplingConfig(3))
+    assert torch.equal(from_dir.tokens, preset.tokens)
+    for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).unlink()
+    with pytest.raises(ArtifactError, match="could not load the processor"):
+        VLMPipeline.create(str(tmp_path))

@@ -3,12 +3,13 @@
 Checkpoints bring their own processor (``AutoProcessor.from_pretrained`` on the directory).
 The built-in presets get the same processor classes built in code around a byte-level
 tokenizer made locally (320 ids, the tiny LLMs' vocabulary), so ``run`` needs no download.
-``fit_processor`` makes any of them produce exactly one tile of the encoder's static size;
-``image_rows`` turns the processor's ``pixel_values`` into the encoders' row form.
+``fit_processor`` makes any of them turn every image into exactly one tile of the encoder's
+static size; ``image_rows`` turns the processor's ``pixel_values`` into the encoders' row form.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,21 +26,42 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,
 )
+from transformers.image_utils import SizeDict
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from ipcv_deploy.errors import ArtifactError, UnsupportedModelError
+from ipcv_deploy.errors import ArtifactError, ConfigError, UnsupportedModelError
 from ipcv_deploy.models.base import ImageSize
 from ipcv_deploy.models.presets import PRESETS, LoadedModel
 
-__all__ = ["fit_processor", "image_rows", "load_processor", "preset_processor", "tiny_tokenizer"]
+__all__ = [
+    "IMAGE_ID",
+    "fit_processor",
+    "image_rows",
+    "load_processor",
+    "placeholder",
+    "preset_processor",
+    "tiny_tokenizer",
+]
 
-#: Ids of the tiny tokenizer: special tokens, then the 256 byte symbols, then named tokens.
+#: Ids of the tiny tokenizer: special tokens, the 256 byte symbols, then named tokens.
 PAD, BOS, EOS = 0, 1, 2
 FIRST_BYTE = 3
 VOCAB_SIZE = 320
 IMAGE_ID = 310  # ``image_token_id`` of every tiny config
+#: Named tokens shared by every family (the image placeholder at ``IMAGE_ID`` is per family).
+_NAMED = {
+    300: "<|im_start|>",
+    301: "<|im_end|>",
+    311: "<|video_pad|>",
+    312: "<|vision_start|>",
+    313: "<|vision_end|>",
+    314: "<img>",
+    315: "</img>",
+    316: "<video>",
+}
+_QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 _CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
@@ -50,7 +72,7 @@ _CHATML = (
 _VICUNA = (
     "{% for m in messages %}{{ m.role.upper() }}: "
     "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
-    "{% if c.type == 'image' %}IMAGE\n{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %} "
+    "{% if c.type == 'image' %}IMAGE{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %} "
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
@@ -59,18 +81,18 @@ _VICUNA = (
 class _Family:
     """How one family's preset processor is put together."""
 
-    #: Named tokens of the tokenizer (id -> text), the image placeholder at ``IMAGE_ID``.
-    tokens: dict[int, str]
+    #: The text the processor expands into image tokens; token ``IMAGE_ID``.
+    placeholder: str
     #: Tokenizer attributes the processor reads (name -> token text).
     attributes: dict[str, str]
     #: Chat template; ``IMAGE`` marks where the image goes.
     template: str
-    #: What stands for an image in the template.
+    #: What the template writes for an image.
     image_text: str
 
 
 _QWEN = _Family(
-    {310: "<|image_pad|>", 311: "<|video_pad|>", 312: "<|vision_start|>", 313: "<|vision_end|>"},
+    "<|image_pad|>",
     {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     _CHATML,
     "<|vision_start|><|image_pad|><|vision_end|>",
@@ -78,8 +100,10 @@ _QWEN = _Family(
 _FAMILIES: dict[str, _Family] = {
     "qwen2_vl": _QWEN,
     "qwen2_5_vl": _QWEN,
+    # InternVLProcessor expands ``<IMG_CONTEXT>`` (its ``image_token``) into
+    # ``<img>`` + image_seq_length x ``<IMG_CONTEXT>`` + ``</img>``, as the HF chat template writes.
     "internvl": _Family(
-        {310: "<IMG_CONTEXT>", 311: "<video>", 314: "<img>", 315: "</img>"},
+        "<IMG_CONTEXT>",
         {
             "start_image_token": "<img>",
             "end_image_token": "</img>",
@@ -89,7 +113,7 @@ _FAMILIES: dict[str, _Family] = {
         _CHATML,
         "<IMG_CONTEXT>\n",
     ),
-    "llava": _Family({310: "<image>"}, {"image_token": "<image>"}, _VICUNA, "<image>"),
+    "llava": _Family("<image>", {"image_token": "<image>"}, _VICUNA, "<image>\n"),
 }
 
 
@@ -103,20 +127,30 @@ def _family(model_type: str) -> _Family:
         ) from None
 
 
-def tiny_tokenizer(model_type: str) -> PreTrainedTokenizerFast:
+def placeholder(model_type: str) -> str:
+    """The image placeholder text of a family's processor (token ``IMAGE_ID`` of the presets)."""
+    return _family(model_type).placeholder
+
+
+def tiny_tokenizer(model_type: str = "qwen2_vl") -> PreTrainedTokenizerFast:
     """The presets' tokenizer: bytes (lossless for any UTF-8 text), ChatML and image tokens.
 
     Ids: 0 ``<pad>``, 1 ``<s>``, 2 ``</s>``, 3..258 the byte symbols, 300/301 ``<|im_start|>`` /
-    ``<|im_end|>``, the family's image tokens at 310.., reserved tokens up to 319. Left padding.
+    ``<|im_end|>``, 310 the family's image placeholder (``placeholder(model_type)``), 311
+    ``<|video_pad|>``, 312/313 ``<|vision_start|>`` / ``<|vision_end|>``, 314/315 ``<img>`` /
+    ``</img>``, 316 ``<video>``, reserved tokens for the other ids up to 319. Left padding.
+
+    Raises:
+        UnsupportedModelError: a ``model_type`` without a preset processor.
     """
     family = _family(model_type)
-    named = {300: "<|im_start|>", 301: "<|im_end|>", **family.tokens}
+    named = {**_NAMED, IMAGE_ID: family.placeholder}
     vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS}
     vocab.update({s: FIRST_BYTE + i for i, s in enumerate(sorted(ByteLevel.alphabet()))})
     specials = [named.get(i, f"<|reserved_{i}|>") for i in range(FIRST_BYTE + 256, VOCAB_SIZE)]
     vocab.update({token: FIRST_BYTE + 256 + i for i, token in enumerate(specials)})
     backend = Tokenizer(token_models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in ["<pad>", "<s>", "</s>", *specials]]
@@ -131,43 +165,53 @@ def tiny_tokenizer(model_type: str) -> PreTrainedTokenizerFast:
     )
 
 
-def preset_processor(loaded: LoadedModel) -> Any:
-    """The family's processor around ``tiny_tokenizer``, configured from the model's config."""
-    model_type = loaded.adapter.model_types[0]
+def preset_processor(model_type: str, model_config: Any, image_size: ImageSize) -> Any:
+    """The family's transformers processor around ``tiny_tokenizer``, fitted to ``image_size``.
+
+    Patch / merge sizes, ``image_seq_length`` and the feature selection come from
+    ``model_config``, so one image gives as many placeholder tokens as the model has image
+    embeddings. The image processors are the PIL ones (no torchvision needed).
+
+    Raises:
+        UnsupportedModelError: a ``model_type`` without a preset processor.
+    """
     family = _family(model_type)
     tokenizer = tiny_tokenizer(model_type)
     template = family.template.replace("IMAGE", family.image_text)
-    config = loaded.model.config
-    vision = config.vision_config
-    h, w = loaded.image_size
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+    vision = model_config.vision_config
+    h, w = image_size
+    if model_type in _QWEN_TYPES:
         image_processor = Qwen2VLImageProcessorPil(
             patch_size=vision.patch_size,
             temporal_patch_size=vision.temporal_patch_size,
             merge_size=vision.spatial_merge_size,
         )
         cls = Qwen2VLProcessor if model_type == "qwen2_vl" else Qwen2_5_VLProcessor
-        return _images_only(cls)(image_processor, tokenizer, None, chat_template=template)
-    if model_type == "internvl":
-        return _images_only(InternVLProcessor)(
+        processor = _images_only(cls)(image_processor, tokenizer, None, chat_template=template)
+    elif model_type == "internvl":
+        processor = _images_only(InternVLProcessor)(
             GotOcr2ImageProcessorPil(size={"height": h, "width": w}, crop_to_patches=False),
             tokenizer,
             None,
-            image_seq_length=config.image_seq_length,
+            image_seq_length=model_config.image_seq_length,
             chat_template=template,
         )
-    return LlavaProcessor(
-        CLIPImageProcessorPil(size={"shortest_edge": h}, crop_size={"height": h, "width": w}),
-        tokenizer,
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-        chat_template=template,
-    )
+    else:
+        processor = LlavaProcessor(
+            CLIPImageProcessorPil(
+                size={"shortest_edge": min(h, w)}, crop_size={"height": h, "width": w}
+            ),
+            tokenizer,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy=model_config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+            chat_template=template,
+        )
+    return fit_processor(processor, model_type, image_size)
 
 
 def _images_only(cls: type) -> type:
-    """``cls`` accepting no video processor (those need torchvision, which images do not)."""
+    """``cls`` accepting no video processor (a ``None`` one fails without torchvision)."""
 
     class ImagesOnly(cls):
         def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
@@ -183,52 +227,98 @@ def load_processor(loaded: LoadedModel, image_size: ImageSize) -> Any:
     """The model's processor (checkpoint directory or preset), fitted to ``image_size``.
 
     Raises:
+        UnsupportedModelError: a family without runtime support.
+        ConfigError: a preset without an LLM.
         ArtifactError: a checkpoint directory whose processor files do not load.
     """
     model_type = loaded.adapter.model_types[0]
     _family(model_type)
     if loaded.name in PRESETS:
-        processor = preset_processor(loaded)
-    else:
-        try:
-            processor = AutoProcessor.from_pretrained(Path(loaded.name))
-        except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
-            raise ArtifactError(
-                f"could not load the processor of {loaded.name}: "
-                f"{str(err).splitlines()[0]}; the directory needs the processor and tokenizer "
-                "files saved with the model, and transformers' Qwen / InternVL processors need "
-                "torchvision for their video part (pip install the torchvision matching torch)"
-            ) from None
+        if loaded.model is None:
+            raise ConfigError(
+                f"{loaded.name} has no LLM; `run` needs a full multimodal model (a tiny-* preset "
+                "or a checkpoint directory)"
+            )
+        return preset_processor(model_type, loaded.model.config, image_size)
+    try:
+        processor = AutoProcessor.from_pretrained(Path(loaded.name))
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
+        raise ArtifactError(
+            f"could not load the processor of {loaded.name}: "
+            f"{str(err).splitlines()[0]}; the directory needs the processor and tokenizer "
+            "files saved with the model, and transformers' Qwen / InternVL processors need "
+            "torchvision for their video part (pip install the torchvision matching torch)"
+        ) from None
     return fit_processor(processor, model_type, image_size)
 
 
 def fit_processor(processor: Any, model_type: str, image_size: ImageSize) -> Any:
-    """Make ``processor`` turn an image already resized to ``image_size`` into one tile of it.
+    """Make ``processor`` turn every image into one tile of exactly ``image_size`` (H, W).
 
-    The runtime resizes every image to the encoder's static (H, W) first; this keeps the
-    processor from resizing, tiling or cropping it again. Returns ``processor``.
+    Qwen2-VL / Qwen2.5-VL: min = max pixels = H * W, and every image resized to H x W (not
+    only those of H x W already: ``smart_resize`` alone keeps the aspect ratio). InternVL: a
+    resize to H x W, no ``crop_to_patches``. LLaVA: shortest edge to min(H, W), center crop
+    H x W. Returns ``processor`` (changed in place).
+
+    Raises:
+        UnsupportedModelError: a family without runtime support.
     """
-    h, w = image_size
+    _family(model_type)
+    h, w = (int(s) for s in image_size)
     images = processor.image_processor
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+    images.do_resize = True
+    if model_type in _QWEN_TYPES:
         images.size = {"shortest_edge": h * w, "longest_edge": h * w}
+        images.__class__ = _exact_size_class(_base_class(type(images)), h, w)
     elif model_type == "internvl":
         images.size = {"height": h, "width": w}
         images.crop_to_patches = False
-    elif model_type == "llava":
-        images.size = {"shortest_edge": min(h, w)}
-        images.crop_size = {"height": h, "width": w}
+        # InternVLProcessor's class-level ``images_kwargs`` asks for crop_to_patches=True at
+        # every call, over the image processor's own setting.
+        processor.images_kwargs = {
+            **getattr(processor, "images_kwargs", {}),
+            "crop_to_patches": False,
+        }
     else:
-        _family(model_type)
+        images.size = {"shortest_edge": min(h, w)}
+        images.do_center_crop = True
+        images.crop_size = {"height": h, "width": w}
     return processor
+
+
+def _base_class(cls: type) -> type:
+    return getattr(cls, "_exact_base", cls)
+
+
+@functools.cache
+def _exact_size_class(cls: type, height: int, width: int) -> type:
+    """Qwen-style image processor ``cls`` resizing every image to ``height`` x ``width``.
+
+    Its ``resize`` skips ``smart_resize`` and calls the backend's (PIL or torchvision) plain
+    resize. The class keeps ``cls``'s name, so a saved processor loads as ``cls``.
+    """
+    backend = next(c for c in cls.__mro__ if c.__module__.endswith("image_processing_backends"))
+
+    class ExactSize(cls):
+        _exact_base = cls
+
+        def resize(self, *args: Any, **kwargs: Any) -> Any:
+            image = args[0] if args else kwargs.get("image", kwargs.get("images"))
+            resample = kwargs.get("resample", args[2] if len(args) > 2 else None)
+            size = SizeDict(height=height, width=width)
+            return backend.resize(self, image, size, resample)
+
+    ExactSize.__name__ = ExactSize.__qualname__ = cls.__name__
+    return ExactSize
 
 
 def image_rows(model_type: str, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
     """The processor's ``pixel_values`` for ``batch`` one-image prompts, in row form [B, ...].
 
-    Qwen-style processors flatten every image's patches into [B * n, C * t * p * p]; the row
-    form is [B, n, C * t * p * p]. Tiles [B, C, H, W] are rows already.
+    Qwen-style processors flatten every image's patches (merge-window order, as the tower
+    reads them) into [B * n, C * t * p * p]; the row form is [B, n, C * t * p * p]. Tiles
+    [B, C, H, W] are rows already.
     """
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if model_type in _QWEN_TYPES:
         return pixel_values.reshape(batch, -1, pixel_values.shape[-1])
     return pixel_values

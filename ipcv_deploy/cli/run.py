@@ -24,7 +24,7 @@ from ipcv_deploy.cli.options import (
     parse_image_size,
     print_json,
 )
-from ipcv_deploy.compression.llm_pruning import LLM_PRUNING_METHODS, LLMPruningConfig
+from ipcv_deploy.compression.llm_pruning import LLM_PRUNING_METHODS, LLMPruningConfig, check_keep
 from ipcv_deploy.models import load_model, parse_dtype
 from ipcv_deploy.runtime import VISION_BACKENDS, SamplingConfig, VLMPipeline
 from ipcv_deploy.runtime.testcard import make_test_card
@@ -75,8 +75,8 @@ def build_pipeline(args: argparse.Namespace) -> VLMPipeline:
     pruning = None
     if args.llm_pruning:
         pruning = LLMPruningConfig(args.llm_pruning, args.llm_keep, args.llm_layer)
-    elif not 0 < args.llm_keep <= 1:
-        LLMPruningConfig("dart", args.llm_keep)  # the same one-line error
+    else:
+        check_keep(args.llm_keep)
     progress(f"loading {args.model} ...")
     loaded = load_model(args.model, parse_dtype(args.dtype), args.seed)
     image_size = parse_image_size(args.image_size) if args.image_size else None

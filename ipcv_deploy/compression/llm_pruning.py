@@ -20,6 +20,7 @@ __all__ = [
     "LLMPruningConfig",
     "TokenCarveResult",
     "borda_points",
+    "check_keep",
     "dart_select",
     "fastv_select",
     "sv_score_gram",
@@ -32,6 +33,12 @@ LLM_PRUNING_METHODS = ("dart", "fastv", "tokencarve")
 DART_PIVOTS = 4
 #: TokenCarve's weight of the attention ranking in the Borda fusion.
 TOKENCARVE_AV_WEIGHT = 0.5
+
+
+def check_keep(keep: float) -> None:
+    """Raise ``ConfigError`` unless ``keep`` is in (0, 1]."""
+    if not 0.0 < keep <= 1.0:
+        raise ConfigError(f"--llm-keep must be in (0, 1], got {keep}")
 
 
 @dataclass(frozen=True)
@@ -55,8 +62,7 @@ class LLMPruningConfig:
                 f"unknown LLM pruning method {self.method!r}; choose one of "
                 f"{', '.join(LLM_PRUNING_METHODS)}"
             )
-        if not 0.0 < self.keep <= 1.0:
-            raise ConfigError(f"--llm-keep must be in (0, 1], got {self.keep}")
+        check_keep(self.keep)
 
     def default_layer(self, with_ipcv: bool) -> int:
         """The reference ``K_llm``: DART / FastV 3 after IPCV, else 2; TokenCarve 2."""

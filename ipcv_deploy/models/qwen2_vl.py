@@ -218,6 +218,22 @@ class Qwen2VLAdapter(FamilyAdapter):
         )
 
 
+#: Image / video token ids of the presets' tokenizer (``models.processors``).
+_TINY_TOKENIZER_IMAGE_IDS = {
+    "image_token_id": 310,
+    "video_token_id": 311,
+    "vision_start_token_id": 312,
+    "vision_end_token_id": 313,
+}
+
+
+_TINY_TOKENIZER_BOS_EOS = {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def _mrope(theta: float, section: list[int]) -> dict[str, object]:
+    return {"rope_type": "default", "rope_theta": theta, "mrope_section": section}
+
+
 def tiny_config(depth: int = 12) -> Qwen2VLConfig:
     """A few-block Qwen2-VL with a 4-layer LLM for tests and ``demo`` (vocab 320)."""
     return Qwen2VLConfig(
@@ -236,18 +252,10 @@ def tiny_config(depth: int = 12) -> Qwen2VLConfig:
             "num_hidden_layers": 4,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [4, 4, 4],
-            },
+            **_TINY_TOKENIZER_BOS_EOS,
+            "rope_parameters": _mrope(10000.0, [4, 4, 4]),
         },
-        image_token_id=310,
-        video_token_id=311,
-        vision_start_token_id=312,
-        vision_end_token_id=313,
+        **_TINY_TOKENIZER_IMAGE_IDS,
     )
 
 
@@ -262,17 +270,9 @@ def benchmark_2b_config() -> Qwen2VLConfig:
             "num_hidden_layers": 28,
             "num_attention_heads": 12,
             "num_key_value_heads": 2,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1000000.0,
-                "mrope_section": [16, 24, 24],
-            },
+            **_TINY_TOKENIZER_BOS_EOS,
+            "rope_parameters": _mrope(1000000.0, [16, 24, 24]),
         },
-        image_token_id=310,
-        video_token_id=311,
-        vision_start_token_id=312,
-        vision_end_token_id=313,
+        **_TINY_TOKENIZER_IMAGE_IDS,
         tie_word_embeddings=True,
     )

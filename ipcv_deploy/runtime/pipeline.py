@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from ipcv_deploy.runtime.generate import (
     Generation,
     LLMInputs,
     SamplingConfig,
+    TokenCallback,
     generate,
     language_model,
 )
@@ -34,8 +35,6 @@ from ipcv_deploy.runtime.vision import VisionEncoder, artifact_vision, torch_vis
 __all__ = ["ImageInput", "RunResult", "VLMPipeline", "load_image"]
 
 ImageInput = str | os.PathLike[str] | Image.Image
-#: Streaming callback: (step, new token of every sample).
-TokenCallback = Callable[[int, torch.Tensor], None]
 
 
 def load_image(image: ImageInput) -> Image.Image:

@@ -17,9 +17,9 @@ import torch
 
 from ipcv_deploy import apply_ipcv, remove_ipcv
 from ipcv_deploy.backends.onnxruntime_backend import OrtBackend
-from ipcv_deploy.bench.parity import compare
 from ipcv_deploy.export import ExportOptions, export_encoder
 from ipcv_deploy.models import load_model, parse_dtype
+from ipcv_deploy.parity import compare
 
 
 def main() -> None:
@@ -40,10 +40,10 @@ def main() -> None:
     model = loaded.model.model
     features = {}
     with torch.inference_mode():
-        features["dense"] = model.get_image_features(pixels, -1, "default").pooler_output
+        features["dense"] = model.get_image_features(pixel_values=pixels).pooler_output
         dense_ids = loaded.model.generate(**inputs, max_new_tokens=8, do_sample=False)
         apply_ipcv(loaded.model)  # K=7, keep 35%, AS=3, CLS always kept
-        features["ipcv"] = model.get_image_features(pixels, -1, "default").pooler_output
+        features["ipcv"] = model.get_image_features(pixel_values=pixels).pooler_output
         ipcv_ids = loaded.model.generate(**inputs, max_new_tokens=8, do_sample=False)
         remove_ipcv(loaded.model)
     print(

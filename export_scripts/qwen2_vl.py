@@ -16,9 +16,9 @@ import torch
 
 from ipcv_deploy import apply_ipcv, remove_ipcv
 from ipcv_deploy.backends.onnxruntime_backend import OrtBackend
-from ipcv_deploy.bench.parity import compare
 from ipcv_deploy.export import ExportOptions, export_encoder
 from ipcv_deploy.models import load_model, parse_dtype
+from ipcv_deploy.parity import compare
 
 
 def main() -> None:

@@ -9,10 +9,10 @@ from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import (
     ArtifactError,
     BackendUnavailableError,
+    CompatibilityError,
     ConfigError,
     InputError,
     IpcvError,
-    ParityError,
     UnsupportedModelError,
 )
 
@@ -21,11 +21,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError",
     "BackendUnavailableError",
+    "CompatibilityError",
     "ConfigError",
     "IPCVConfig",
     "InputError",
     "IpcvError",
-    "ParityError",
     "UnsupportedModelError",
     "__version__",
     "apply_ipcv",

@@ -1,28 +1,26 @@
 """Export artifacts on disk: the manifest, file hashes, and atomic directory writes.
 
 An artifact directory holds ``manifest.json``, the ONNX graph(s) and their external weights.
-Loading checks the manifest's format and op set version and every file's size and SHA-256,
-so a truncated, modified or mismatched artifact is refused before any runtime sees it.
-Pure Python: no onnx import.
+Loading checks the manifest's format and op set version and every file's size and stamp (a
+cheap fingerprint; the full SHA-256 in ``verify`` / ``inspect``), so a truncated, swapped or
+mismatched artifact is refused before any runtime sees it. Pure Python: no onnx import.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ipcv_deploy.errors import ArtifactError
+from ipcv_deploy.errors import ArtifactError, ConfigError
+from ipcv_deploy.fileio import sha256_of, stamp_of
 from ipcv_deploy.ops import OPSET_VERSION
 
 __all__ = [
     "ARTIFACT_FORMAT",
+    "CHECKS",
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
     "Artifact",
@@ -31,14 +29,14 @@ __all__ = [
     "TensorInfo",
     "file_entry",
     "load_artifact",
-    "sha256_of",
-    "staged_directory",
 ]
 
 ARTIFACT_FORMAT = "ipcv-deploy/vision-encoder"
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FLAVOURS = ("ort", "trt")
+#: How thoroughly ``load_artifact`` checks the files: sizes, sizes + stamps, full SHA-256.
+CHECKS = ("size", "stamp", "full")
 
 
 @dataclass(frozen=True)
@@ -57,10 +55,11 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """Size and SHA-256 of one file of the artifact."""
+    """Size, SHA-256 and stamp (``fileio.stamp_of``) of one file of the artifact."""
 
     bytes: int
     sha256: str
+    stamp: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,18 +151,9 @@ class Manifest:
             raise ArtifactError(f"{where} is malformed ({err}); re-export the artifact") from None
 
 
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_entry(path: Path) -> FileEntry:
-    """Size and hash of ``path`` for the manifest."""
-    return FileEntry(path.stat().st_size, sha256_of(path))
+    """Size, hash and stamp of ``path`` for the manifest."""
+    return FileEntry(path.stat().st_size, sha256_of(path), stamp_of(path))
 
 
 @dataclass(frozen=True)
@@ -188,16 +178,19 @@ class Artifact:
         return self.path / name
 
 
-def load_artifact(path: str | os.PathLike[str], check_hashes: bool = True) -> Artifact:
+def load_artifact(path: str | os.PathLike[str], check: str = "stamp") -> Artifact:
     """Read and check an artifact directory.
 
     Args:
         path: the directory ``ipcv-export export`` wrote.
-        check_hashes: hash every file (sizes are always checked).
+        check: ``size`` (sizes only), ``stamp`` (sizes and stamps: reads ~3 MiB a file, the
+            default for loading to run) or ``full`` (every byte against its SHA-256).
 
     Raises:
         ArtifactError: missing, malformed, newer, truncated or modified artifact.
     """
+    if check not in CHECKS:
+        raise ConfigError(f"check must be one of {', '.join(CHECKS)}, got {check!r}")
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -219,7 +212,13 @@ def load_artifact(path: str | os.PathLike[str], check_hashes: bool = True) -> Ar
                 f"{file} has {size} bytes but the manifest says {entry.bytes}: the file is "
                 "truncated or does not belong to this manifest; re-export the artifact"
             )
-        if check_hashes and sha256_of(file) != entry.sha256:
+        full = check == "full" or (check == "stamp" and entry.stamp is None)
+        if check == "stamp" and entry.stamp is not None and stamp_of(file) != entry.stamp:
+            raise ArtifactError(
+                f"{file} does not match the stamp in its manifest: it was replaced or "
+                "modified; re-export the artifact"
+            )
+        if full and sha256_of(file) != entry.sha256:
             raise ArtifactError(
                 f"{file} does not match the SHA-256 in its manifest: it was modified or "
                 "corrupted; re-export the artifact"
@@ -228,31 +227,3 @@ def load_artifact(path: str | os.PathLike[str], check_hashes: bool = True) -> Ar
         if flavour not in FLAVOURS or name not in manifest.files:
             raise ArtifactError(f"{manifest_path} lists flavour {flavour!r} -> {name!r} badly")
     return Artifact(root, manifest)
-
-
-@contextlib.contextmanager
-def staged_directory(out: Path, force: bool) -> Iterator[Path]:
-    """Write a directory atomically: yield a hidden sibling, rename it to ``out`` on success.
-
-    On any error the staging directory is removed and ``out`` is untouched.
-
-    Raises:
-        ArtifactError: ``out`` exists and ``force`` is false.
-    """
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        yield stage
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)

@@ -27,7 +27,9 @@ class IPCVConfig:
         prune_layer: K, the block before which tokens are selected (K >= 2, K < depth).
         keep_ratio: fraction of tokens kept, in (0, 1]; the paper's ``1 - reduction``.
         as_layers: AS_layer, number of Attention Stabilization blocks from K (0 = off).
-        num_neighbors: k (Top_K), nearest kept tokens used by NGR for each pruned token.
+        num_neighbors: k (Top_K), nearest kept tokens used by NGR for each pruned token. The
+            fixed-size forms (export, run) refuse a k above the kept count; the eager path
+            (``apply_ipcv``, any image size) uses ``min(k, P)`` per image, as the reference.
         selection: ``"per_image"`` keeps a fixed count per image (batched / export form);
             ``"global"`` reproduces the reference: one top-k over every patch of the call where
             the family's reference does so (Qwen2-VL), and a neighbour pool over the whole call.
@@ -95,7 +97,7 @@ class IPCVConfig:
 
     @property
     def as_end(self) -> int:
-        """First block after the Attention Stabilization window (may exceed the depth)."""
+        """First block after the Attention Stabilization window (at most the depth)."""
         return self.prune_layer + self.as_layers
 
     def kept_count(self, num_tokens: int, num_prefix: int = 0) -> int:
@@ -107,15 +109,33 @@ class IPCVConfig:
         return num_prefix + min(rest, max(1, int(rest * self.keep_ratio)))
 
     def check_depth(self, depth: int) -> None:
-        """Check that K fits an encoder of ``depth`` blocks.
+        """Check that K and the AS window fit an encoder of ``depth`` blocks.
 
         Raises:
-            ConfigError: if ``prune_layer >= depth``.
+            ConfigError: if ``prune_layer >= depth`` or ``prune_layer + as_layers > depth``.
         """
         if self.prune_layer >= depth:
             raise ConfigError(
                 f"prune_layer (K) must be < the encoder depth {depth}, got {self.prune_layer}; "
                 f"pick K in [2, {depth - 1}]"
+            )
+        if self.as_end > depth:
+            raise ConfigError(
+                f"as_layers={self.as_layers} runs past the encoder: K={self.prune_layer} + "
+                f"{self.as_layers} > {depth} blocks; pass --as-layers at most "
+                f"{depth - self.prune_layer} (every block after K is then an AS block)"
+            )
+
+    def check_neighbors(self, kept: int) -> None:
+        """Check that k neighbours exist among the ``kept`` tokens of an image.
+
+        Raises:
+            ConfigError: if ``num_neighbors > kept``.
+        """
+        if self.num_neighbors > kept:
+            raise ConfigError(
+                f"num_neighbors (k) = {self.num_neighbors} exceeds the {kept} tokens kept per "
+                f"image; pass --num-neighbors at most {kept} or a larger --keep-ratio"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 __all__ = [
     "ArtifactError",
     "BackendUnavailableError",
+    "CompatibilityError",
     "ConfigError",
     "InputError",
     "IpcvError",
-    "ParityError",
     "UnsupportedModelError",
 ]
 
@@ -41,9 +41,5 @@ class BackendUnavailableError(IpcvError):
     """A backend dependency (onnxruntime, TensorRT, a plugin library) is missing."""
 
 
-class ParityError(IpcvError):
-    """Two backends disagree beyond tolerance; ``report`` holds the per-output comparison."""
-
-    def __init__(self, message: str, report: object = None) -> None:
-        super().__init__(message)
-        self.report = report
+class CompatibilityError(IpcvError):
+    """An installed dependency (transformers, ...) behaves unlike the versions ipcv-deploy tests."""

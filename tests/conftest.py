@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,18 +57,37 @@ def export_tiny(name: str, out: Path, dense: bool = False, **options) -> Artifac
     return export_encoder(loaded, ExportOptions(loaded.image_size, config, **options), out)
 
 
-@pytest.fixture(scope="session", params=TINY)
-def ipcv_artifact(request, tmp_path_factory) -> Artifact:
+Exports = Callable[..., Artifact]
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory) -> Exports:
+    """``exports(name, dense=False, **options)``: each distinct export made once per session.
+
+    Treat the result as read-only (copy it to change it).
+    """
+    made: dict[tuple, Artifact] = {}
+    root = tmp_path_factory.mktemp("artifacts")
+
+    def get(name: str, dense: bool = False, **options) -> Artifact:
+        key = (name, dense, tuple(sorted(options.items())))
+        if key not in made:
+            made[key] = export_tiny(name, root / f"export-{len(made)}", dense=dense, **options)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(params=TINY)
+def ipcv_artifact(request, exports) -> Artifact:
     """Each tiny family, IPCV at the reference settings, both flavours, kept indices out."""
-    out = tmp_path_factory.mktemp("artifacts") / f"{request.param}-ipcv"
-    return export_tiny(request.param, out, return_indices=True)
+    return exports(request.param, return_indices=True)
 
 
-@pytest.fixture(scope="session", params=TINY)
-def dense_artifact(request, tmp_path_factory) -> Artifact:
+@pytest.fixture(params=TINY)
+def dense_artifact(request, exports) -> Artifact:
     """Each tiny family, dense, ONNX Runtime flavour only."""
-    out = tmp_path_factory.mktemp("artifacts") / f"{request.param}-dense"
-    return export_tiny(request.param, out, dense=True, target="ort")
+    return exports(request.param, dense=True, target="ort")
 
 
 def hf_image_features(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""One parity helper for every test: fp32 means ~1e-5 relative error."""
+"""Test assertions on ``ipcv_deploy.parity.compare``: fp32 means ~1e-5 relative error."""
 
 from __future__ import annotations
 
 import torch
+
+from ipcv_deploy.parity import compare
 
 FP32_RTOL = 1e-5
 
@@ -15,9 +17,8 @@ def assert_close(
         f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     )
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    err = (actual.float() - expected.float()).abs().max().item()
-    scale = expected.float().abs().max().item() or 1.0
-    assert err <= rtol * scale, f"{what}: max abs err {err:.3g} > {rtol:g} x {scale:.3g}"
+    agreement = compare(expected, actual)
+    assert agreement.max_rel <= rtol, f"{what}: {agreement} (rtol {rtol:g})"
 
 
 def assert_same_indices(

@@ -50,9 +50,18 @@ def test_kept_count_matches_the_reference_formulas():
 
 
 def test_check_depth():
-    IPCVConfig(prune_layer=31).check_depth(32)
+    IPCVConfig(prune_layer=31, as_layers=1).check_depth(32)
     with pytest.raises(ConfigError, match=r"pick K in \[2, 31\]"):
         IPCVConfig(prune_layer=32).check_depth(32)
+    IPCVConfig(prune_layer=3, as_layers=29).check_depth(32)  # every block after K
+    with pytest.raises(ConfigError, match=r"as_layers=30 runs past .*at most 29"):
+        IPCVConfig(prune_layer=3, as_layers=30).check_depth(32)
+
+
+def test_check_neighbors():
+    IPCVConfig(num_neighbors=10).check_neighbors(10)
+    with pytest.raises(ConfigError, match=r"k\) = 11 exceeds the 10 tokens kept per image"):
+        IPCVConfig(num_neighbors=11).check_neighbors(10)
 
 
 def test_dict_round_trip_and_unknown_keys():

@@ -11,7 +11,18 @@ from pathlib import Path
 import onnx
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ipcv_deploy"
-FAMILY = re.compile(r"qwen|intern|clip|siglip|llava", re.I)
+FAMILY = re.compile(r"qwen|intern|clip|siglip|llava|gemma", re.I)
+#: transformers internals the package may touch only in ``hf_compat.py``.
+PRIVATE_TRANSFORMERS = (
+    "_prepare_position_ids_for_generation",
+    "_attn_implementation",
+    "AttentionInterface",
+    "AttentionMaskInterface",
+    "sdpa_attention_forward",
+    "check_argument_for_proper_class",
+    "image_processing_backends",
+    "past_key_values",
+)
 
 
 def _code_words(path: Path) -> list[str]:
@@ -53,6 +64,20 @@ def test_nothing_family_specific_outside_models():
         for path in PACKAGE.rglob("*.py")
         if "models" not in path.relative_to(PACKAGE).parts
         and (hits := sorted({w for w in _code_words(path) if _family_word(w)}))
+    }
+    assert not offenders, offenders
+
+
+def test_family_words_include_paligemma():
+    assert _family_word("PaliGemmaConfig") and _family_word("gemma")
+
+
+def test_private_transformers_apis_only_in_hf_compat():
+    offenders = {
+        str(path.relative_to(PACKAGE)): hits
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "hf_compat.py"
+        and (hits := sorted({w for w in _code_words(path) if w in PRIVATE_TRANSFORMERS}))
     }
     assert not offenders, offenders
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from ipcv_deploy.compression import dense_encode, ipcv_encode_embedded
 from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.models import FamilyAdapter, ImageSize, LoadedModel
 
 __all__ = ["IMAGE_EMBEDS", "KEEP_IDX", "PIXEL_VALUES", "RowEncoder", "TorchBackend"]
@@ -37,9 +38,18 @@ class RowEncoder(nn.Module):
         self.image_size = tuple(image_size or loaded.image_size)
         self.context = self.adapter.row_context(self.image_size)
         if config is not None:
-            config.check_depth(self.adapter.depth)
+            if config.selection != "per_image":
+                raise ConfigError(
+                    f"selection {config.selection!r} spans the images of one call, but the row "
+                    "form (export, run) holds one image per row and selects per image; drop "
+                    "--selection (global selection runs in the eager apply_ipcv path)"
+                )
+            self.adapter.check_config(config, self.image_size)
         if return_indices and config is None:
-            raise ValueError("a dense encoder has no kept indices to return")
+            raise ConfigError(
+                "a dense encoder keeps every token, so it has no kept indices to return; "
+                "drop --return-indices or --dense"
+            )
         self.config = config
         self.return_indices = return_indices
         self.vision = loaded.vision

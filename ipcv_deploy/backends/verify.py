@@ -21,6 +21,7 @@ from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ArtifactError, InputError
 from ipcv_deploy.models import DTYPES, load_model
 from ipcv_deploy.ops import DOMAIN, OP_SPECS
+from ipcv_deploy.parity import compare
 
 __all__ = ["Check", "ParityReport", "reference_encoder", "verify_artifact"]
 
@@ -34,7 +35,8 @@ class Check:
     Attributes:
         name: graph output name, or ``<node>:<output>`` for an ``ipcv`` node.
         kind: ``float`` (tolerance) or ``index`` (must be identical; ``nbr`` as sets).
-        max_abs / max_rel / cosine: float agreement (``max_rel`` = max |diff| / max |ref|).
+        max_abs / max_rel / cosine: float agreement (``parity.compare``; ``cosine`` is the
+            lowest of the rows).
         mismatched: index entries (rows for neighbour sets) that differ.
         passed: within tolerance / identical.
     """
@@ -82,13 +84,9 @@ def _check(name: str, ref: torch.Tensor, got: torch.Tensor, rtol: float, sets: b
         else:
             bad = int((ref != got).sum())
         return Check(name, "index", tuple(ref.shape), 0.0, 0.0, 1.0, bad, bad == 0)
-    r, g = ref.double(), got.double()
-    max_abs = (r - g).abs().max().item() if r.numel() else 0.0
-    scale = r.abs().max().item() if r.numel() else 0.0
-    max_rel = max_abs / scale if scale else max_abs
-    cosine = torch.nn.functional.cosine_similarity(r.flatten(1), g.flatten(1), dim=-1).min()
+    a = compare(ref, got)
     return Check(
-        name, "float", tuple(ref.shape), max_abs, max_rel, cosine.item(), 0, max_rel <= rtol
+        name, "float", tuple(ref.shape), a.max_abs, a.max_rel, a.min_cosine, 0, a.max_rel <= rtol
     )
 
 

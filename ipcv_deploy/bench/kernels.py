@@ -20,7 +20,7 @@ from ipcv_deploy.models import BENCHMARK_PRESETS, load_model
 from ipcv_deploy.ops import neighbor_index, neighbor_reconstruct, token_select
 from ipcv_deploy.trt.kernels import CudaKernels
 
-__all__ = ["kernel_report", "kernel_shapes"]
+__all__ = ["KERNEL_HEADERS", "kernel_report", "kernel_shapes", "kernel_table"]
 
 #: A shape beyond TensorRT's TopK limit: (label, batch, tokens, width, kept, prefix).
 LARGE_SHAPE = ("16k tokens, keep 5000", 1, 16384, 1280, 5000, 0)
@@ -130,3 +130,21 @@ def kernel_report(
         "runs": runs,
         "rows": rows,
     }
+
+
+KERNEL_HEADERS = ["shape", "op", "= reference", "kernel ms", "torch op ms", "bandwidth floor ms"]
+
+
+def kernel_table(report: dict[str, Any]) -> list[list[str]]:
+    """Rows of ``KERNEL_HEADERS`` from a ``kernel_report``."""
+    return [
+        [
+            r["shape"],
+            r["op"],
+            "yes" if r["matches_reference"] else "NO",
+            f"{r['kernel_ms']:.3f}",
+            f"{r['torch_ms']:.3f}",
+            f"{r['bandwidth_floor_ms']:.3f}",
+        ]
+        for r in report["rows"]
+    ]

@@ -8,12 +8,15 @@ import torch
 
 from ipcv_deploy.api import apply_ipcv, remove_ipcv
 from ipcv_deploy.bench.flops import flops_report
-from ipcv_deploy.bench.parity import compare
 from ipcv_deploy.bench.report import median_seconds, progress
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.models import ImageSize, LoadedModel
+from ipcv_deploy.parity import compare
 
-__all__ = ["torch_latency"]
+__all__ = ["LATENCY_GOAL", "LATENCY_HEADERS", "latency_table", "torch_latency"]
+
+#: Goal: the measured speed-up is at least this share of the FLOP ratio.
+LATENCY_GOAL = 0.85
 
 
 def torch_latency(
@@ -67,3 +70,34 @@ def torch_latency(
         "speedup_share_of_flop_ratio": speedup / flop_ratio,
         "parity_dense_vs_ipcv": compare(outputs["dense"], outputs["ipcv"]).to_dict(),
     }
+
+
+LATENCY_HEADERS = [
+    "model",
+    "image",
+    "batch",
+    "dense ms",
+    "IPCV ms",
+    "speed-up",
+    "FLOP ratio",
+    "of FLOP ratio",
+    "cos vs dense",
+]
+
+
+def latency_table(reports: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows of ``LATENCY_HEADERS``, one per ``torch_latency`` report."""
+    return [
+        [
+            r["model"],
+            f"{r['image_size'][0]}x{r['image_size'][1]}",
+            r["batch"],
+            f"{r['latency_ms']['dense']:.0f}",
+            f"{r['latency_ms']['ipcv']:.0f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['flop_ratio']:.2f}x",
+            f"{r['speedup_share_of_flop_ratio'] * 100:.0f}%",
+            f"{r['parity_dense_vs_ipcv']['cosine']:.4f}",
+        ]
+        for r in reports
+    ]

@@ -20,14 +20,29 @@ import torch
 from ipcv_deploy.artifact import Artifact, load_artifact
 from ipcv_deploy.backends.onnxruntime_backend import OrtBackend
 from ipcv_deploy.backends.torch_backend import RowEncoder, TorchBackend
-from ipcv_deploy.bench.parity import compare
 from ipcv_deploy.bench.report import median_seconds, progress
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import IpcvError
 from ipcv_deploy.models import ImageSize, load_model
 from ipcv_deploy.ops import OP_SPECS
+from ipcv_deploy.parity import compare
 
-__all__ = ["export_in_subprocess", "ipcv_op_share", "ort_latency"]
+__all__ = [
+    "EXPORT_RSS_GOAL_GB",
+    "ORT_HEADERS",
+    "ORT_OP_SHARE_GOAL",
+    "ORT_SPEEDUP_GOAL",
+    "export_in_subprocess",
+    "ipcv_op_share",
+    "ort_latency",
+    "ort_table",
+]
+
+#: Goals: IPCV vs dense export on the first benchmark preset, the ipcv ops' share of the
+#: encoder's ONNX Runtime time, the export's peak memory.
+ORT_SPEEDUP_GOAL = 2.2
+ORT_OP_SHARE_GOAL = 0.05
+EXPORT_RSS_GOAL_GB = 8.0
 
 _INLINED = re.compile(rf"^_inlfunc_({'|'.join(s.name for s in OP_SPECS)})_")
 
@@ -105,7 +120,7 @@ def ort_latency(
         out = workdir / f"{Path(model).name}-{variant}"
         progress(f"{model}: exporting {variant} to {out} ...")
         exports[variant] = export_in_subprocess([*common, *extra], out)
-        artifacts[variant] = load_artifact(out, check_hashes=False)
+        artifacts[variant] = load_artifact(out, check="size")
     loaded = load_model(model, seed=seed)
     torch_dense = TorchBackend(RowEncoder(loaded, None, image_size))
     pixels = torch_dense.encoder.inputs(1, seed)
@@ -150,3 +165,36 @@ def ort_latency(
             "ort_ipcv_vs_ort_dense": compare(outputs["ort_dense"], outputs["ort_ipcv"]).to_dict(),
         },
     }
+
+
+ORT_HEADERS = [
+    "model",
+    "tokens",
+    "torch dense ms",
+    "ORT dense ms",
+    "ORT IPCV ms",
+    "IPCV speed-up",
+    "FLOP ratio",
+    "vs torch dense",
+    "ipcv ops",
+    "export RSS",
+]
+
+
+def ort_table(reports: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows of ``ORT_HEADERS``, one per ``ort_latency`` report."""
+    return [
+        [
+            r["model"],
+            f"{r['tokens'][0]} -> {r['tokens'][1]}",
+            f"{r['latency_ms']['torch_dense']:.0f}",
+            f"{r['latency_ms']['ort_dense']:.0f}",
+            f"{r['latency_ms']['ort_ipcv']:.0f}",
+            f"{r['speedup_ort']:.2f}x",
+            f"{r['flop_ratio']:.2f}x",
+            f"{r['speedup_vs_torch_dense']:.2f}x",
+            f"{r['ipcv_op_share']:.1%}",
+            f"{r['export']['ipcv']['peak_rss_gb']:.1f} GB",
+        ]
+        for r in reports
+    ]

@@ -1,6 +1,7 @@
 """``ipcv-export``: one small module per verb; parse, call the library, print.
 
-Exit codes: 0 success, 1 a check that ran and failed, 2 bad input or missing dependency.
+Exit codes: 0 success, 1 a check that ran and failed, 2 bad input or missing dependency,
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -53,3 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IpcvError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130

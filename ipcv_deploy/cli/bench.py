@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from ipcv_deploy.bench.flops import FLOPS_HEADERS, flops_report, flops_table
-from ipcv_deploy.bench.latency import torch_latency
-from ipcv_deploy.bench.onnxruntime import ort_latency
-from ipcv_deploy.bench.report import format_table, machine_info, write_json
+from ipcv_deploy.bench.latency import LATENCY_GOAL, LATENCY_HEADERS, latency_table, torch_latency
+from ipcv_deploy.bench.onnxruntime import (
+    EXPORT_RSS_GOAL_GB,
+    ORT_HEADERS,
+    ORT_OP_SHARE_GOAL,
+    ORT_SPEEDUP_GOAL,
+    ort_latency,
+    ort_table,
+)
+from ipcv_deploy.bench.report import format_table, machine_info
 from ipcv_deploy.cli.options import (
     add_ipcv_args,
     add_model_args,
@@ -29,14 +36,13 @@ from ipcv_deploy.cli.options import (
     print_json,
 )
 from ipcv_deploy.errors import ConfigError
+from ipcv_deploy.fileio import write_json
 from ipcv_deploy.models import (
     BENCHMARK_PRESETS,
     RUNTIME_BENCHMARK_PRESET,
     load_model,
     parse_dtype,
 )
-
-SPEEDUP_GOAL = 0.85  # speed-up at least 85% of the FLOP ratio
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,34 +145,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"\nPyTorch eager latency, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}"
         )
-        rows = [
-            [
-                r["model"],
-                f"{r['image_size'][0]}x{r['image_size'][1]}",
-                r["batch"],
-                f"{r['latency_ms']['dense']:.0f}",
-                f"{r['latency_ms']['ipcv']:.0f}",
-                f"{r['speedup']:.2f}x",
-                f"{r['flop_ratio']:.2f}x",
-                f"{r['speedup_share_of_flop_ratio'] * 100:.0f}%",
-                f"{r['parity_dense_vs_ipcv']['cosine']:.4f}",
-            ]
-            for r in results["latency"]
-        ]
-        headers = [
-            "model",
-            "image",
-            "batch",
-            "dense ms",
-            "IPCV ms",
-            "speed-up",
-            "FLOP ratio",
-            "of FLOP ratio",
-            "cos vs dense",
-        ]
-        print(format_table(headers, rows))
+        print(format_table(LATENCY_HEADERS, latency_table(results["latency"])))
         print(
-            f"(median of {args.runs} runs; goal: speed-up >= {SPEEDUP_GOAL:.0%} of the FLOP ratio)"
+            f"(median of {args.runs} runs; goal: speed-up >= {LATENCY_GOAL:.0%} of the FLOP ratio)"
         )
     if results["ort"]:
         _print_ort(results, args.runs)
@@ -174,42 +155,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-ORT_SPEEDUP_GOAL = 2.2  # IPCV vs dense export, for the first benchmark preset
-ORT_OP_SHARE_GOAL = 0.05
-EXPORT_RSS_GOAL_GB = 8.0
-
-
 def _print_ort(results: dict[str, Any], runs: int) -> None:
     m = results["machine"]
     print(f"\nONNX Runtime CPU, {m['cpu']}, {results['ort'][0]['threads']} threads, batch 1")
-    rows = [
-        [
-            r["model"],
-            f"{r['tokens'][0]} -> {r['tokens'][1]}",
-            f"{r['latency_ms']['torch_dense']:.0f}",
-            f"{r['latency_ms']['ort_dense']:.0f}",
-            f"{r['latency_ms']['ort_ipcv']:.0f}",
-            f"{r['speedup_ort']:.2f}x",
-            f"{r['flop_ratio']:.2f}x",
-            f"{r['speedup_vs_torch_dense']:.2f}x",
-            f"{r['ipcv_op_share']:.1%}",
-            f"{r['export']['ipcv']['peak_rss_gb']:.1f} GB",
-        ]
-        for r in results["ort"]
-    ]
-    headers = [
-        "model",
-        "tokens",
-        "torch dense ms",
-        "ORT dense ms",
-        "ORT IPCV ms",
-        "IPCV speed-up",
-        "FLOP ratio",
-        "vs torch dense",
-        "ipcv ops",
-        "export RSS",
-    ]
-    print(format_table(headers, rows))
+    print(format_table(ORT_HEADERS, ort_table(results["ort"])))
     print(
         f"(median of {runs} runs; goals: IPCV speed-up >= {ORT_SPEEDUP_GOAL}x on "
         f"{BENCHMARK_PRESETS[0]}, ipcv ops <= {ORT_OP_SHARE_GOAL:.0%} of encoder time, "
@@ -218,7 +167,7 @@ def _print_ort(results: dict[str, Any], runs: int) -> None:
 
 
 def _run_kernels(args: argparse.Namespace) -> int:
-    from ipcv_deploy.bench.kernels import kernel_report
+    from ipcv_deploy.bench.kernels import KERNEL_HEADERS, kernel_report, kernel_table
     from ipcv_deploy.trt.kernels import build_kernel_library
 
     library = args.kernel_lib or build_kernel_library(args.workdir / "kernels")
@@ -232,19 +181,7 @@ def _run_kernels(args: argparse.Namespace) -> int:
     print(
         f"ipcv CUDA kernels on {k['gpu']}, {k['dtype']}, copy bandwidth {k['copy_gbps']:.0f} GB/s"
     )
-    rows = [
-        [
-            r["shape"],
-            r["op"],
-            "yes" if r["matches_reference"] else "NO",
-            f"{r['kernel_ms']:.3f}",
-            f"{r['torch_ms']:.3f}",
-            f"{r['bandwidth_floor_ms']:.3f}",
-        ]
-        for r in k["rows"]
-    ]
-    headers = ["shape", "op", "= reference", "kernel ms", "torch op ms", "bandwidth floor ms"]
-    print(format_table(headers, rows))
+    print(format_table(KERNEL_HEADERS, kernel_table(k)))
     print(f"\nwrote {out}")
     return 0
 

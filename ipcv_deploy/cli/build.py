@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     """Check the artifact, then build or reuse the engine."""
     from ipcv_deploy.trt.builder import build_engine
 
-    artifact = load_artifact(args.artifact)
+    artifact = load_artifact(args.artifact, check="full")
     artifact.flavour_file("trt")
     profiles = tuple(BatchProfile.parse(p) for p in args.profile or ["1:1:4"])
     settings = BuildSettings(args.precision, profiles, args.workspace_gb)

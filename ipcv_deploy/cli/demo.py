@@ -16,7 +16,6 @@ import torch
 
 from ipcv_deploy.api import apply_ipcv, remove_ipcv
 from ipcv_deploy.bench.flops import flops_report
-from ipcv_deploy.bench.parity import compare
 from ipcv_deploy.bench.report import format_table, machine_info, median_seconds, progress
 from ipcv_deploy.cli.options import (
     add_ipcv_args,
@@ -25,9 +24,12 @@ from ipcv_deploy.cli.options import (
     ipcv_config,
     parse_image_size,
     print_json,
+    require_at_least,
 )
 from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.models import ImageSize, LoadedModel, load_model, parse_dtype
+from ipcv_deploy.parity import compare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,13 +47,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build or load the model, run dense and IPCV on the same inputs, report."""
     started = time.perf_counter()
+    require_at_least("--runs", args.runs, 1)
+    require_at_least("--batch", args.batch, 1)
     progress(f"loading {args.model} ...")
     loaded = load_model(args.model, parse_dtype(args.dtype), args.seed)
     adapter = loaded.adapter(loaded.vision)
     image_size = parse_image_size(args.image_size) if args.image_size else loaded.image_size
     adapter.check_image_size(image_size)
     config = ipcv_config(args, loaded.adapter)
-    config.check_depth(adapter.depth)
+    adapter.check_config(config, image_size)
+    if config.selection != "per_image" and not args.no_export:
+        raise ConfigError(
+            f"the ONNX export selects per image, not {config.selection!r}; pass --no-export to "
+            "compare global selection in PyTorch only"
+        )
     inputs, kwargs = adapter.example_inputs(
         image_size, args.batch, torch.Generator().manual_seed(args.seed)
     )

@@ -11,10 +11,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ipcv_deploy.bench.report import format_table, progress, write_json
-from ipcv_deploy.cli.options import add_ipcv_args, add_model_args, add_output_args, print_json
+from ipcv_deploy.bench.report import format_table, progress
+from ipcv_deploy.cli.options import (
+    add_ipcv_args,
+    add_model_args,
+    add_output_args,
+    print_json,
+    require_at_least,
+)
 from ipcv_deploy.cli.run import add_runtime_args, build_pipeline, sampling
-from ipcv_deploy.errors import InputError
+from ipcv_deploy.fileio import write_json
 from ipcv_deploy.runtime import VLMPipeline
 from ipcv_deploy.runtime.evaluate import evaluate, load_items
 
@@ -33,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the items, run dense and compressed, report."""
-    if args.batch < 1:
-        raise InputError(f"--batch must be at least 1, got {args.batch}")
+    require_at_least("--batch", args.batch, 1)
+    require_at_least("--limit", args.limit, 1)
     items = load_items(args.data, args.limit)
     compressed = build_pipeline(args)
     dense = VLMPipeline.create(compressed.loaded, image_size=compressed.vision.image_size)

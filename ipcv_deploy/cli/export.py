@@ -11,6 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ipcv_deploy.artifact import MANIFEST_NAME
 from ipcv_deploy.bench.report import peak_rss_gb, progress
 from ipcv_deploy.cli.options import (
     add_ipcv_args,
@@ -20,6 +21,8 @@ from ipcv_deploy.cli.options import (
     parse_image_size,
     print_json,
 )
+from ipcv_deploy.errors import ConfigError
+from ipcv_deploy.fileio import check_replaceable
 from ipcv_deploy.models import load_model, parse_dtype
 
 
@@ -55,11 +58,17 @@ def run(args: argparse.Namespace) -> int:
     from ipcv_deploy.export import ExportOptions, export_encoder
 
     started = time.perf_counter()
+    out = args.out or default_out(args.model, args.dense)
+    check_replaceable(out, args.force, MANIFEST_NAME)  # before minutes of work
+    if args.dense and args.return_indices:
+        raise ConfigError(
+            "--return-indices outputs the kept indices, which a --dense export does not have; "
+            "drop one of the two"
+        )
     progress(f"loading {args.model} ...")
     loaded = load_model(args.model, parse_dtype(args.dtype), args.seed)
     image_size = parse_image_size(args.image_size) if args.image_size else loaded.image_size
     config = None if args.dense else ipcv_config(args, loaded.adapter)
-    out = args.out or default_out(args.model, args.dense)
     options = ExportOptions(image_size, config, args.target, args.return_indices, args.force)
     artifact = export_encoder(loaded, options, out, progress=progress)
     elapsed = time.perf_counter() - started

@@ -40,7 +40,7 @@ def ipcv_nodes(artifact: Artifact) -> dict[str, dict[str, int]]:
 
 def run(args: argparse.Namespace) -> int:
     """Load (with hash checks) and print."""
-    artifact = load_artifact(args.artifact)
+    artifact = load_artifact(args.artifact, check="full")
     nodes = ipcv_nodes(artifact)
     m = artifact.manifest
     check = _trt_check(artifact, args.precision) if args.trt_check else None

@@ -19,7 +19,14 @@ __all__ = [
     "ipcv_config",
     "parse_image_size",
     "print_json",
+    "require_at_least",
 ]
+
+
+def require_at_least(option: str, value: float | None, minimum: float) -> None:
+    """Raise ``InputError`` naming ``option`` unless ``value`` is ``None`` or >= ``minimum``."""
+    if value is not None and not value >= minimum:  # also refuses NaN
+        raise InputError(f"{option} must be at least {minimum:g}, got {value:g}")
 
 
 def parse_image_size(text: str) -> ImageSize:

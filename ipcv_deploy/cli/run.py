@@ -23,6 +23,7 @@ from ipcv_deploy.cli.options import (
     ipcv_config,
     parse_image_size,
     print_json,
+    require_at_least,
 )
 from ipcv_deploy.compression.llm_pruning import LLM_PRUNING_METHODS, LLMPruningConfig, check_keep
 from ipcv_deploy.models import load_model, parse_dtype
@@ -58,7 +59,12 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--dense", action="store_true", help="torch backend without IPCV")
     group.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    group.add_argument("--llm-pruning", choices=LLM_PRUNING_METHODS, help="LLM-side pruning")
+    group.add_argument(
+        "--llm-pruning",
+        choices=("none", *LLM_PRUNING_METHODS),
+        default="none",
+        help="LLM-side pruning (default none)",
+    )
     group.add_argument(
         "--llm-keep", type=float, default=0.35, help="image tokens kept by it (default 0.35)"
     )
@@ -72,8 +78,9 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 def build_pipeline(args: argparse.Namespace) -> VLMPipeline:
     """The pipeline the runtime options describe."""
+    require_at_least("--threads", args.threads, 1)
     pruning = None
-    if args.llm_pruning:
+    if args.llm_pruning != "none":
         pruning = LLMPruningConfig(args.llm_pruning, args.llm_keep, args.llm_layer)
     else:
         check_keep(args.llm_keep)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ipcv_deploy.artifact import load_artifact
 from ipcv_deploy.bench.report import format_table, progress
-from ipcv_deploy.cli.options import add_output_args, print_json
+from ipcv_deploy.cli.options import add_output_args, print_json, require_at_least
+from ipcv_deploy.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,8 +38,12 @@ def run(args: argparse.Namespace) -> int:
     """Verify, print the table (or JSON), exit 1 on any failed check."""
     from ipcv_deploy.backends.verify import verify_artifact
 
+    require_at_least("--batch", args.batch, 1)
+    if args.rtol is not None and not (args.rtol > 0 and args.rtol < float("inf")):
+        raise InputError(f"--rtol must be a positive number, e.g. 1e-5; got {args.rtol:g}")
+    require_at_least("--threads", args.threads, 1)
     progress(f"checking {args.artifact} ...")
-    artifact = load_artifact(args.artifact)
+    artifact = load_artifact(args.artifact, check="full")
     progress("running PyTorch and ONNX Runtime on the same inputs ...")
     engine = None
     if args.backend == "trt":

@@ -97,6 +97,14 @@ def _ascending(index: torch.Tensor) -> torch.Tensor:
     return index.sort().values
 
 
+def _top(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Indices of the ``k`` largest (smallest) values; equal values by index, lower first.
+
+    ``torch.topk`` leaves the order of ties unspecified (and device dependent).
+    """
+    return values.sort(descending=largest, stable=True).indices[:k]
+
+
 def dart_select(
     hidden: torch.Tensor,
     keys: torch.Tensor,
@@ -128,13 +136,13 @@ def dart_select(
             f"the image (got {n} and {text_index.numel()}); lengthen the prompt or use fastv"
         )
     norms = keys.float().abs().sum(-1)
-    image_pivots = norms[image_index].topk(DART_PIVOTS).indices  # into the image span
-    text_pivots = text_index[norms[text_index].topk(DART_PIVOTS).indices]  # sequence positions
+    image_pivots = _top(norms[image_index], DART_PIVOTS)  # into the image span
+    text_pivots = text_index[_top(norms[text_index], DART_PIVOTS)]  # sequence positions
     pivot_states = torch.cat([hidden[image_index[image_pivots]], hidden[text_pivots]]).float()
     image_states = F.normalize(hidden[image_index].float(), dim=-1)
     pivot_states = F.normalize(pivot_states, dim=-1)
     per_pivot = int(n * keep / (2 * DART_PIVOTS))
-    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen = torch.zeros(n, dtype=torch.bool, device=hidden.device)
     chosen[image_pivots] = True
     for pivot in pivot_states:
         free = (~chosen).nonzero().squeeze(1)
@@ -142,7 +150,7 @@ def dart_select(
         if take == 0:
             continue
         similarity = image_states[free] @ pivot
-        chosen[free[similarity.topk(take, largest=False).indices]] = True
+        chosen[free[_top(similarity, take, largest=False)]] = True
     return chosen.nonzero().squeeze(1)
 
 
@@ -157,7 +165,7 @@ def fastv_select(attention_row: torch.Tensor, budget: int) -> torch.Tensor:
     Returns:
         Kept indices into the image span, ascending.
     """
-    return _ascending(attention_row.float().topk(min(budget, attention_row.numel())).indices)
+    return _ascending(_top(attention_row.float(), budget))
 
 
 def sv_score_svd(states: torch.Tensor) -> torch.Tensor:
@@ -182,8 +190,8 @@ def borda_points(score: torch.Tensor) -> torch.Tensor:
     """Rank points: the best of ``Nv`` scores earns ``Nv``, the next ``Nv - 1``, ... (stable)."""
     n = score.numel()
     order = score.argsort(descending=True, stable=True)
-    points = torch.empty(n, dtype=torch.float32)
-    points[order] = torch.arange(n, 0, -1, dtype=torch.float32)
+    points = torch.empty(n, dtype=torch.float32, device=score.device)
+    points[order] = torch.arange(n, 0, -1, dtype=torch.float32, device=score.device)
     return points
 
 
@@ -203,11 +211,12 @@ def tokencarve_select(
     Args:
         attention_row: [Nv] last-token attention of layer 1 to the image tokens (head mean).
         states: [Nv, D] layer-1 block outputs of the image tokens.
-        budget: K, the tokens kept (``1.5K`` survive stage I, ``0.75K`` of them form A).
+        budget: K, the tokens kept (``floor(1.5K)`` survive stage I, the first
+            ``floor(1.5K / 2)`` of them form A).
 
     Returns:
         Exactly ``min(K, Nv)`` kept tokens: A (each the mean of itself and the B tokens merged
-        into it) and the ``K/4`` least-matched B tokens, in original order.
+        into it) and the ``K - |A|`` least-matched B tokens, in original order.
     """
     n = states.shape[0]
     budget = min(budget, n)
@@ -215,7 +224,7 @@ def tokencarve_select(
         1 - TOKENCARVE_AV_WEIGHT
     ) * borda_points(sv_score_gram(states))
     stage1 = fused.argsort(descending=True, stable=True)[: min(n, budget + budget // 2)]
-    n_a = budget - budget // 4
+    n_a = (3 * budget) // 4  # floor(1.5K / 2): stage I split in half, as the reference does
     group_a, group_b = stage1[:n_a], stage1[n_a:]
     kept_b_count = budget - n_a
     n_merge = group_b.numel() - kept_b_count
@@ -227,9 +236,9 @@ def tokencarve_select(
         order = similarity.argsort(descending=True, stable=True)
         merged, left = order[:n_merge], order[n_merge:]
         totals = states[group_a].float().clone()
-        counts = torch.ones(n_a)
+        counts = torch.ones(n_a, device=states.device)
         totals.index_add_(0, match[merged], states[group_b[merged]].float())
-        counts.index_add_(0, match[merged], torch.ones(n_merge))
+        counts.index_add_(0, match[merged], torch.ones(n_merge, device=states.device))
         out[group_a] = (totals / counts[:, None]).to(states.dtype)
         kept = torch.cat([group_a, group_b[left]])
     kept = _ascending(kept)

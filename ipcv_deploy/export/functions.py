@@ -3,7 +3,9 @@
 Appended to ``model.functions``, they make the ``ipcv`` nodes runnable by ONNX Runtime,
 OpenVINO or any ONNX runtime with no custom library (the runtime inlines the body), while the
 nodes stay visible in the graph. Each body restates the eager reference of ``ops.torch_ops``:
-fp32 scores and distances, ascending index sets, fp32 NGR accumulation.
+fp32 scores and distances, ascending index sets, fp32 NGR accumulation, and the ranking rule
+of ``ops.specs.RANKING``: TopK orders equal values by index, lower first (ONNX's TopK
+contract), and NaN scores / distances are replaced by -inf / +inf before ranking.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ class _Body:
     def attr_int(self, attribute: str) -> str:
         """A scalar int64 tensor holding the calling node's integer ``attribute``."""
         node = helper.make_node("Constant", [], [f"{self.name}_{attribute}"], name=attribute)
+        # An attribute reference, built directly (helper.make_attribute_ref's arguments
+        # changed across onnx releases).
         node.attribute.append(
-            helper.make_attribute_ref("value_int", AttributeProto.INT, ref_attr_name=attribute)
+            AttributeProto(name="value_int", type=AttributeProto.INT, ref_attr_name=attribute)
         )
         self.nodes.append(node)
         return node.output[0]
@@ -76,6 +80,7 @@ def _token_select(opset: int) -> FunctionProto:
     last = b.const([-1])
     diff = b.one("Sub", _fp32(b, "h_cur"), _fp32(b, "h_prev"))
     score = b.one("Sqrt", b.one("ReduceSumSquare", diff, last, keepdims=0))  # [B, N] fp32
+    score = b.one("Where", b.one("IsNaN", score), b.const(float("-inf")), score)  # NaN ranks last
     n_1d = b.one("Shape", score, start=1, end=2)  # [1] = N
     pos = b.one("Range", b.const(0), b.one("Squeeze", n_1d), b.const(1))  # [N]
     prefix = b.one("Less", pos, b.attr_int("num_prefix"))
@@ -124,6 +129,7 @@ def _neighbor_index(opset: int) -> FunctionProto:
     k2 = b.one("Unsqueeze", b.one("ReduceSumSquare", k, last, keepdims=0), b.const([1]))
     ab = b.one("MatMul", a, b.one("Transpose", k, perm=[0, 2, 1]))  # [B, R, P]
     dist = b.one("Sub", b.one("Add", a2, k2), b.one("Mul", b.const(2.0), ab))
+    dist = b.one("Where", b.one("IsNaN", dist), b.const(float("inf")), dist)  # NaN is farthest
     k_1d = b.one("Unsqueeze", b.attr_int("num_neighbors"), b.const([0]))
     b.op("TopK", dist, k_1d, outputs=2, axis=-1, largest=0, sorted=1)
     b.rename_last("_distances", "nbr")

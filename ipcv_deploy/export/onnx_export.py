@@ -32,15 +32,14 @@ from ipcv_deploy.artifact import (
     TensorInfo,
     file_entry,
     load_artifact,
-    staged_directory,
 )
 from ipcv_deploy.backends.torch_backend import PIXEL_VALUES, RowEncoder
-from ipcv_deploy.bench.report import write_json
 from ipcv_deploy.compression.cost import encoder_flops
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ArtifactError, ConfigError
 from ipcv_deploy.export.functions import function_protos
 from ipcv_deploy.export.translations import translation_table
+from ipcv_deploy.fileio import staged_directory, write_json
 from ipcv_deploy.models import ImageSize, LoadedModel
 from ipcv_deploy.ops import DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
@@ -233,7 +232,7 @@ def export_encoder(
     flavours = TARGETS[options.target]
     encoder = RowEncoder(loaded, options.config, options.image_size, options.return_indices)
     encoder.eval()
-    with staged_directory(out, options.force) as stage:
+    with staged_directory(out, options.force, marker=MANIFEST_NAME) as stage:
         progress(f"tracing {encoder.adapter.family} encoder at {options.image_size} ...")
         traced = stage / "traced.onnx"
         _torch_export(encoder, encoder.inputs(batch=2), traced)
@@ -251,4 +250,4 @@ def export_encoder(
         progress("hashing files ...")
         manifest = _manifest(loaded, encoder, options, base, stage, flavours)
         write_json(stage / MANIFEST_NAME, manifest.to_dict())
-    return load_artifact(out, check_hashes=False)
+    return load_artifact(out, check="size")

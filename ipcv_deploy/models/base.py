@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -15,8 +16,10 @@ from ipcv_deploy.errors import ConfigError, InputError, UnsupportedModelError
 __all__ = [
     "ADAPTERS",
     "FamilyAdapter",
+    "FeatureProjector",
     "FixedImageAdapter",
     "ImageSize",
+    "ImageTokens",
     "adapter_for_module",
     "get_adapter",
     "register_adapter",
@@ -127,6 +130,18 @@ class FamilyAdapter:
         """Final norm / merger; returns the dense ``forward``'s output type."""
         raise NotImplementedError
 
+    def check_config(self, config: IPCVConfig, image_size: ImageSize) -> int:
+        """Check that ``config`` fits this encoder at ``image_size``; returns kept per image.
+
+        Raises:
+            ConfigError: K or the AS window past the depth, or more neighbours than kept tokens.
+            InputError: an image size the encoder cannot take.
+        """
+        config.check_depth(self.depth)
+        kept = config.kept_count(self.encoder_shape(image_size).tokens, self.num_prefix_tokens)
+        config.check_neighbors(kept)
+        return kept
+
     def projector(self, model: nn.Module) -> nn.Module | None:
         """The module that maps row-form ``features`` [B, n, D] to the LLM's embeddings.
 
@@ -145,11 +160,26 @@ class FamilyAdapter:
         return torch.randn(shape, generator=generator).to(self.dtype)
 
 
+@dataclass(frozen=True)
+class ImageTokens:
+    """Context of a fixed-size tower's input: tokens per image (prefix tokens included)."""
+
+    tokens: int
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
 class FixedImageAdapter(FamilyAdapter):
     """A tower taking ``pixel_values`` [images, C, H, W] of one size (``config.image_size``).
 
-    Provides the size check, seeded inputs and the row form's inputs (one image per row);
-    subclasses still embed, run blocks and head.
+    Owns what the CLIP, SigLIP and InternViT adapters share: the size check, seeded inputs,
+    the encoder shape, embedding into rows (all images packed in one row for the eager path,
+    one image per row for the row form), the context (``ImageTokens``) and the projector
+    lookup. Subclasses supply ``_embed``, the blocks and the head.
     """
 
     #: What one image is called in messages ("images", "tiles").
@@ -160,10 +190,7 @@ class FixedImageAdapter(FamilyAdapter):
     @property
     def fixed_image_size(self) -> ImageSize:
         """The one (H, W) the tower takes."""
-        size = self.vision.config.image_size
-        if isinstance(size, (list, tuple)):
-            return int(size[0]), int(size[1])
-        return int(size), int(size)
+        return _pair(self.vision.config.image_size)
 
     def check_image_size(self, image_size: ImageSize) -> None:
         """Only ``fixed_image_size`` fits."""
@@ -183,6 +210,48 @@ class FixedImageAdapter(FamilyAdapter):
         channels = self.vision.config.num_channels
         return (self._random((batch, channels, *image_size), generator),), {}
 
+    def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
+        """Blocks and patch embedding at ``image_size`` (prefix tokens included)."""
+        self.check_image_size(image_size)
+        cfg = self.vision.config
+        ph, pw = _pair(cfg.patch_size)
+        patches = (image_size[0] // ph) * (image_size[1] // pw)
+        return EncoderShape(
+            depth=self.depth,
+            width=cfg.hidden_size,
+            mlp_hidden=cfg.intermediate_size,
+            mlp_matrices=2,
+            tokens=patches + self.num_prefix_tokens,
+            num_prefix=self.num_prefix_tokens,
+            embed_flops=2 * patches * cfg.num_channels * ph * pw * cfg.hidden_size,
+            head_flops=0,
+        )
+
+    def _embed(self, pixel_values: torch.Tensor, **options: Any) -> torch.Tensor:
+        """Patch (+ CLS, position) embeddings of [images, C, H, W] as [images, N, D]."""
+        raise NotImplementedError
+
+    def _embed_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Check the dense ``forward``'s keyword arguments; returns those ``_embed`` takes."""
+        reject_layer_outputs(kwargs, self.depth)
+        return {}
+
+    def _embed_checked(self, pixel_values: torch.Tensor, **options: Any) -> torch.Tensor:
+        if pixel_values.ndim != 4:
+            raise InputError(
+                f"pixel_values must be [{self.image_unit}, channels, height, width], "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        return self._embed(pixel_values, **options)
+
+    def embed(self, pixel_values: torch.Tensor, **kwargs: Any) -> EncodedInput:
+        """Embeddings of the dense ``forward``'s input; the images packed in one row."""
+        emb = self._embed_checked(pixel_values, **self._embed_options(kwargs))
+        images, tokens, width = emb.shape
+        return EncodedInput(
+            emb.reshape(1, images * tokens, width), (tokens,) * images, ImageTokens(tokens)
+        )
+
     def row_context(self, image_size: ImageSize) -> None:
         """Nothing to precompute: position embeddings are part of the weights."""
         self.check_image_size(image_size)
@@ -193,6 +262,54 @@ class FixedImageAdapter(FamilyAdapter):
         """``pixel_values`` [B, C, H, W], one image per row."""
         (pixels,), _ = self.example_inputs(image_size, batch, generator)
         return pixels
+
+    def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
+        """Embed [B, C, H, W]: one image per row, one segment."""
+        emb = self._embed_checked(pixels)
+        return EncodedInput(emb, (emb.shape[1],), ImageTokens(emb.shape[1]))
+
+    @staticmethod
+    def images(full: torch.Tensor, enc: EncodedInput) -> torch.Tensor:
+        """Rows of packed tokens [B, T, D] as [images, N, D]."""
+        tokens: ImageTokens = enc.context
+        return full.reshape(-1, tokens.tokens, full.shape[-1])
+
+    def projector(self, model: nn.Module) -> nn.Module | None:
+        """The multimodal model's path from tower features to LLM embeddings.
+
+        ``None`` for a tower without its multimodal model.
+        """
+        inner = getattr(model, "model", model)
+        if not hasattr(inner, "multi_modal_projector"):
+            return None
+        return self._projector(inner)
+
+    def _projector(self, inner: nn.Module) -> nn.Module:
+        return FeatureProjector(inner)
+
+
+class FeatureProjector(nn.Module):
+    """``get_image_features`` after the tower: [B, prefix + n, D] -> LLM embeddings.
+
+    Drops the CLS token where the model's ``vision_feature_select_strategy`` is ``default``,
+    rearranges (``rearrange``; identity here) and applies ``multi_modal_projector``.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        strategy = getattr(inner.config, "vision_feature_select_strategy", None)
+        self.drop_cls = strategy == "default"
+        self.multi_modal_projector = inner.multi_modal_projector
+
+    def rearrange(self, features: torch.Tensor) -> torch.Tensor:
+        """Family-specific reshaping between CLS drop and projector."""
+        return features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """CLS drop, ``rearrange``, projector."""
+        if self.drop_cls:
+            features = features[:, 1:]
+        return self.multi_modal_projector(self.rearrange(features))
 
 
 def tiny_text_config(model_type: str, **extra: Any) -> dict[str, Any]:

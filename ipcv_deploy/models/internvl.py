@@ -7,7 +7,6 @@ the pixel-shuffle projector runs outside the tower, on the restored tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,27 +15,17 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 from transformers.models.internvl.modeling_internvl import InternVLVisionModelOutputWithPooling
 
 from ipcv_deploy.compression import EncodedInput, TokenSet, gather_tokens, segment_attention
-from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
-from ipcv_deploy.errors import InputError, UnsupportedModelError
+from ipcv_deploy.errors import UnsupportedModelError
 from ipcv_deploy.models.base import (
+    FeatureProjector,
     FixedImageAdapter,
-    ImageSize,
     register_adapter,
     reject_layer_outputs,
     tiny_text_config,
 )
 
 __all__ = ["InternVLAdapter"]
-
-
-@dataclass
-class _Tiles:
-    tokens: int  # N = 1 + patches per tile
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (value, value)
 
 
 @register_adapter
@@ -63,50 +52,22 @@ class InternVLAdapter(FixedImageAdapter):
         """Number of InternViT layers."""
         return len(self.vision.encoder.layer)
 
-    def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
-        """Blocks and patch embedding at ``image_size`` (CLS token included)."""
-        self.check_image_size(image_size)
-        cfg = self.vision.config
-        ph, pw = _pair(cfg.patch_size)
-        patches = (image_size[0] // ph) * (image_size[1] // pw)
-        return EncoderShape(
-            depth=self.depth,
-            width=cfg.hidden_size,
-            mlp_hidden=cfg.intermediate_size,
-            mlp_matrices=2,
-            tokens=patches + 1,
-            num_prefix=1,
-            embed_flops=2 * patches * cfg.num_channels * ph * pw * cfg.hidden_size,
-            head_flops=0,
-        )
-
     def features(self, output: InternVLVisionModelOutputWithPooling) -> torch.Tensor:
         """``last_hidden_state`` [tiles, N, D], the projector's input."""
         return output.last_hidden_state
 
-    def embed(
-        self,
-        pixel_values: torch.Tensor,
-        bool_masked_pos: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> EncodedInput:
-        """Patch + position embeddings with CLS; the tiles packed in one row, a segment each."""
+    def _embed_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``bool_masked_pos`` goes to the embeddings; per-layer outputs are refused."""
+        kwargs = dict(kwargs)
+        options = {"bool_masked_pos": kwargs.pop("bool_masked_pos", None)}
         reject_layer_outputs(kwargs, self.depth)
-        if pixel_values.ndim != 4:
-            raise InputError(
-                "pixel_values must be [tiles, channels, height, width], "
-                f"got {tuple(pixel_values.shape)}"
-            )
-        emb = self.vision.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        tiles, tokens, width = emb.shape
-        return EncodedInput(
-            emb.reshape(1, tiles * tokens, width), (tokens,) * tiles, _Tiles(tokens)
-        )
+        return options
 
-    def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
-        """Embed [B, 3, H, W]: one tile per row, one segment."""
-        emb = self.vision.embeddings(pixels)
-        return EncodedInput(emb, (emb.shape[1],), _Tiles(emb.shape[1]))
+    def _embed(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Patch + position embeddings with CLS."""
+        return self.vision.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
 
     def block(
         self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
@@ -136,43 +97,51 @@ class InternVLAdapter(FixedImageAdapter):
 
     def head(self, full: torch.Tensor, enc: EncodedInput) -> InternVLVisionModelOutputWithPooling:
         """Final norm on [tiles, N, D]; the projector (pixel shuffle + mlp1) follows outside."""
-        tiles: _Tiles = enc.context
-        out = self.vision.layernorm(full.reshape(-1, tiles.tokens, full.shape[-1]))
-        return InternVLVisionModelOutputWithPooling(last_hidden_state=out)
+        return InternVLVisionModelOutputWithPooling(
+            last_hidden_state=self.vision.layernorm(self.images(full, enc))
+        )
 
-    def projector(self, model: nn.Module) -> nn.Module | None:
-        """``get_image_features`` after the tower: CLS drop, pixel shuffle, ``mlp1`` projector."""
+    @classmethod
+    def vision_tower(cls, model: nn.Module) -> nn.Module:
+        """The InternViT inside a full model whose LLM takes the tower's last layer."""
         inner = getattr(model, "model", model)
-        if not hasattr(inner, "multi_modal_projector"):
-            return None
-        if inner.config.vision_feature_layer not in (-1, self.depth - 1):
-            raise UnsupportedModelError(
-                f"vision_feature_layer={inner.config.vision_feature_layer} takes features from "
-                "inside the tower, where IPCV has pruned tokens; only the last layer (-1) works"
-            )
-        return _Projector(inner)
+        _check_feature_layer(inner)
+        return inner.vision_tower
+
+    def _projector(self, inner: nn.Module) -> nn.Module:
+        """CLS drop, pixel shuffle, ``mlp1`` projector (``get_image_features`` after the tower)."""
+        _check_feature_layer(inner)
+        return _PixelShuffleProjector(inner)
 
 
-class _Projector(nn.Module):
+def _check_feature_layer(inner: nn.Module) -> None:
+    """Only ``vision_feature_layer = -1`` (the tower's ``last_hidden_state``) works with IPCV.
+
+    ``get_image_features`` reads any other layer from ``hidden_states``, where ``hidden_states[i]``
+    is the output of block ``i - 1``: inside the tower, where IPCV has pruned tokens.
+    """
+    layer = inner.config.vision_feature_layer
+    if layer != -1:
+        raise UnsupportedModelError(
+            f"vision_feature_layer={layer} takes features from hidden_states[{layer}], inside "
+            "the tower where IPCV has pruned tokens; only the last layer (-1) works with IPCV"
+        )
+
+
+class _PixelShuffleProjector(FeatureProjector):
     """InternVL's path from tower features [B, 1 + n, D] to LLM embeddings [B, n / 4, H]."""
 
     def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.drop_cls = inner.config.vision_feature_select_strategy == "default"
+        super().__init__(inner)
         self.ratio = float(inner.config.downsample_ratio)
-        self.multi_modal_projector = inner.multi_modal_projector
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Same steps as ``InternVLModel.get_image_features`` after the tower."""
-        if self.drop_cls:
-            features = features[:, 1:, :]
+    def rearrange(self, features: torch.Tensor) -> torch.Tensor:
+        """Pixel shuffle: fold scale x scale neighbours into channels, in InternVL's order."""
         side, width = math.isqrt(features.shape[1]), features.shape[-1]
-        scale, small = round(1 / self.ratio), side * self.ratio
-        # Pixel shuffle: fold scale x scale neighbours into channels, in InternVL's order.
-        grid = features.reshape(-1, side, int(small), width * scale)
-        grid = grid.permute(0, 2, 1, 3).reshape(-1, int(small), int(small), width * scale**2)
-        grid = grid.permute(0, 2, 1, 3)
-        return self.multi_modal_projector(grid.flatten(1, 2))
+        scale, small = round(1 / self.ratio), int(side * self.ratio)
+        grid = features.reshape(-1, side, small, width * scale)
+        grid = grid.permute(0, 2, 1, 3).reshape(-1, small, small, width * scale**2)
+        return grid.permute(0, 2, 1, 3).flatten(1, 2)
 
 
 def tiny_config(depth: int = 10, image_size: int = 112) -> InternVLConfig:

@@ -1,14 +1,14 @@
 """LLaVA-1.5 and LLaVA-NeXT vision towers (transformers' ``CLIPVisionModel``, ViT-L/14-336).
 
 One image per batch row with a CLS token, absolute position embeddings and ``pre_layrnorm``.
-LLaVA takes the features of the penultimate block (``vision_feature_layer=-2``), so the
-compressed tower runs the blocks up to that layer only and restores every token there; the
-projector (CLS dropped, two-layer MLP) runs outside the tower, on the restored tokens.
+LLaVA takes the features of the penultimate block (``vision_feature_layer=-2``), so inside
+LLaVA the compressed tower runs the blocks up to that layer only and restores every token
+there; the projector (CLS dropped, two-layer MLP) runs outside the tower, on the restored
+tokens. A bare ``CLIPVisionModel`` runs all its blocks, like the dense tower.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,9 +23,8 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ipcv_deploy.compression import EncodedInput, TokenSet
-from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
-from ipcv_deploy.errors import ConfigError, InputError, UnsupportedModelError
+from ipcv_deploy.errors import ConfigError, UnsupportedModelError
 from ipcv_deploy.models.base import FixedImageAdapter, ImageSize, register_adapter, tiny_text_config
 from ipcv_deploy.models.prenorm_vit import prenorm_block, prenorm_stabilized_block
 
@@ -35,11 +34,14 @@ __all__ = ["LlavaAdapter", "LlavaNextAdapter"]
 _FEATURE_LAYER = "_ipcv_feature_layer"
 
 
-@dataclass
-class _Tiles:
-    tokens: int  # N = 1 + patches per image
-    feature_index: int  # index of the restored tensor in ``hidden_states`` (0 = embeddings)
-    total_states: int  # len(hidden_states) of the dense tower: blocks + 1
+def set_feature_layer(tower: nn.Module, layer: int) -> nn.Module:
+    """Mark a CLIP tower as LLaVA's, whose LLM takes the hidden states of ``layer``.
+
+    IPCV then runs only the blocks up to that layer and restores every token there. A bare
+    tower (not marked) runs all blocks and behaves like the dense tower.
+    """
+    setattr(tower, _FEATURE_LAYER, layer)
+    return tower
 
 
 @register_adapter
@@ -72,21 +74,26 @@ class LlavaAdapter(FixedImageAdapter):
                 f"vision_feature_layer={layer} concatenates several layers; IPCV restores tokens "
                 "at one layer only"
             )
-        setattr(tower, _FEATURE_LAYER, layer)
-        return tower
+        return set_feature_layer(tower, layer)
 
     @property
     def _states(self) -> int:
         return len(self.vision.encoder.layers) + 1
 
     @property
+    def _feature_layer(self) -> int | None:
+        """LLaVA's ``vision_feature_layer`` when the tower is LLaVA's, else ``None``."""
+        return getattr(self.vision, _FEATURE_LAYER, None)
+
+    @property
     def _feature_index(self) -> int:
-        layer = getattr(self.vision, _FEATURE_LAYER, -2)
-        return layer % self._states
+        """Index in ``hidden_states`` of the features IPCV restores (the last for a bare tower)."""
+        layer = self._feature_layer
+        return self._states - 1 if layer is None else layer % self._states
 
     @property
     def depth(self) -> int:
-        """Blocks run: those up to the feature layer (all but the last for LLaVA-1.5)."""
+        """Blocks run: those up to the feature layer (all of a bare tower)."""
         return self._feature_index
 
     def example_inputs(
@@ -94,41 +101,23 @@ class LlavaAdapter(FixedImageAdapter):
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``pixel_values`` [B, 3, H, W], asking for the feature layer as LLaVA does."""
         (pixels,), _ = super().example_inputs(image_size, batch, generator)
+        if self._feature_layer is None:
+            return (pixels,), {}
         return (pixels,), {"output_hidden_states": self._feature_index - self._states}
 
-    def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
-        """The blocks up to the feature layer, and the patch embedding (CLS included)."""
-        self.check_image_size(image_size)
-        cfg = self.vision.config
-        patches = (image_size[0] // cfg.patch_size) * (image_size[1] // cfg.patch_size)
-        return EncoderShape(
-            depth=self.depth,
-            width=cfg.hidden_size,
-            mlp_hidden=cfg.intermediate_size,
-            mlp_matrices=2,
-            tokens=patches + 1,
-            num_prefix=1,
-            embed_flops=2 * patches * cfg.num_channels * cfg.patch_size**2 * cfg.hidden_size,
-            head_flops=0,
-        )
-
     def features(self, output: BaseModelOutputWithPooling) -> torch.Tensor:
-        """The hidden states at the feature layer [images, N, D]: the projector's input."""
+        """The hidden states LLaVA's projector reads [images, N, D].
+
+        ``last_hidden_state`` of a bare tower.
+        """
+        if self._feature_layer is None:
+            return output.last_hidden_state
         return output.hidden_states[self._feature_index]
 
-    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.ndim != 4:
-            raise InputError(
-                "pixel_values must be [images, channels, height, width], "
-                f"got {tuple(pixel_values.shape)}"
-            )
-        return self.vision.pre_layrnorm(self.vision.embeddings(pixel_values))
-
-    def _context(self, tokens: int) -> _Tiles:
-        return _Tiles(tokens, self._feature_index, self._states)
-
-    def embed(self, pixel_values: torch.Tensor, **kwargs: Any) -> EncodedInput:
-        """Patch + position embeddings, CLS, ``pre_layrnorm``; the images packed in one row."""
+    def _embed_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Only the feature layer's hidden states exist in a compressed tower."""
+        if self._feature_layer is None:
+            return super()._embed_options(kwargs)
         wanted = kwargs.get("output_hidden_states")
         allowed = {self._feature_index, self._feature_index - self._states}
         if wanted not in (None, False, *allowed) and wanted not in ([i] for i in allowed):
@@ -139,16 +128,11 @@ class LlavaAdapter(FixedImageAdapter):
             )
         if kwargs.get("output_attentions"):
             raise ConfigError("output_attentions is not available from an IPCV-compressed encoder")
-        emb = self._embed(pixel_values)
-        images, tokens, width = emb.shape
-        return EncodedInput(
-            emb.reshape(1, images * tokens, width), (tokens,) * images, self._context(tokens)
-        )
+        return {}
 
-    def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
-        """Embed [B, 3, H, W]: one image per row, one segment."""
-        emb = self._embed(pixels)
-        return EncodedInput(emb, (emb.shape[1],), self._context(emb.shape[1]))
+    def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch + position embeddings, CLS, ``pre_layrnorm``."""
+        return self.vision.pre_layrnorm(self.vision.embeddings(pixel_values))
 
     def block(
         self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
@@ -163,39 +147,22 @@ class LlavaAdapter(FixedImageAdapter):
         return prenorm_stabilized_block(self.vision.encoder.layers[index], full, enc, kept)
 
     def head(self, full: torch.Tensor, enc: EncodedInput) -> BaseModelOutputWithPooling:
-        """The restored tokens as the feature layer's hidden states.
+        """The restored tokens as the dense tower returns them.
 
-        The other layers are ``None``, as transformers returns them when one layer is selected.
+        A bare tower: ``last_hidden_state`` and the CLS ``pooler_output`` after
+        ``post_layernorm``, as ``CLIPVisionModel``. LLaVA's tower: the restored tokens are the
+        feature layer's hidden states; the other layers are ``None``, as transformers returns
+        them when one layer is selected.
         """
-        tiles: _Tiles = enc.context
-        restored = full.reshape(-1, tiles.tokens, full.shape[-1])
-        states: list[torch.Tensor | None] = [None] * tiles.total_states
-        states[tiles.feature_index] = restored
+        restored = self.images(full, enc)
+        pooled = self.vision.post_layernorm(restored[:, 0, :])
+        if self._feature_layer is None:
+            return BaseModelOutputWithPooling(last_hidden_state=restored, pooler_output=pooled)
+        states: list[torch.Tensor | None] = [None] * self._states
+        states[self._feature_index] = restored
         return BaseModelOutputWithPooling(
-            last_hidden_state=restored,
-            pooler_output=self.vision.post_layernorm(restored[:, 0, :]),
-            hidden_states=tuple(states),
+            last_hidden_state=restored, pooler_output=pooled, hidden_states=tuple(states)
         )
-
-    def projector(self, model: nn.Module) -> nn.Module | None:
-        """LLaVA's path from the feature layer to LLM embeddings: CLS drop, MLP projector."""
-        inner = getattr(model, "model", model)
-        if not hasattr(inner, "multi_modal_projector"):
-            return None
-        return _Projector(inner)
-
-
-class _Projector(nn.Module):
-    """``LlavaModel.get_image_features`` after the tower: [B, 1 + n, D] -> [B, n, H]."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.drop_cls = inner.config.vision_feature_select_strategy == "default"
-        self.multi_modal_projector = inner.multi_modal_projector
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """CLS drop (``default`` strategy), then the projector."""
-        return self.multi_modal_projector(features[:, 1:] if self.drop_cls else features)
 
 
 def tiny_config(depth: int = 7, image_size: int = 112) -> LlavaConfig:

@@ -94,6 +94,14 @@ PRESETS: dict[str, ModelPreset] = {
             full_model=True,
         ),
         ModelPreset(
+            "small-qwen2-vl",
+            "qwen2_vl",
+            (448, 448),
+            "24-block Qwen2-VL ViT (width 256) + 4-layer LLM: the default of demo and run",
+            _full("qwen2_vl", qwen2_vl.small_config),
+            full_model=True,
+        ),
+        ModelPreset(
             "tiny-internvl",
             "internvl",
             (112, 112),
@@ -176,16 +184,19 @@ PRESETS: dict[str, ModelPreset] = {
             "llava",
             (336, 336),
             "CLIP ViT-L/14-336 of LLaVA-1.5 (24 layers, width 1024; features of layer 23), no LLM",
-            lambda: CLIPVisionModel(
-                CLIPVisionConfig(
-                    hidden_size=1024,
-                    intermediate_size=4096,
-                    num_hidden_layers=24,
-                    num_attention_heads=16,
-                    image_size=336,
-                    patch_size=14,
-                    projection_dim=768,
-                )
+            lambda: llava.set_feature_layer(
+                CLIPVisionModel(
+                    CLIPVisionConfig(
+                        hidden_size=1024,
+                        intermediate_size=4096,
+                        num_hidden_layers=24,
+                        num_attention_heads=16,
+                        image_size=336,
+                        patch_size=14,
+                        projection_dim=768,
+                    )
+                ),
+                -2,  # LLaVA-1.5's vision_feature_layer
             ),
             full_model=False,
         ),
@@ -210,8 +221,8 @@ PRESETS: dict[str, ModelPreset] = {
     )
 }
 
-#: What ``demo`` runs when no model is named.
-DEFAULT_PRESET = "tiny-qwen2-vl"
+#: What ``demo``, ``run`` and ``export`` use when no model is named.
+DEFAULT_PRESET = "small-qwen2-vl"
 #: The full-size towers ``bench`` measures when no model is named.
 BENCHMARK_PRESETS = ("qwen2-vl-7b-vit", "internvit-300m")
 #: The full model ``bench --runtime`` measures (vision + LLM) when no model is named.

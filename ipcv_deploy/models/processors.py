@@ -9,7 +9,6 @@ static size; ``image_rows`` turns the processor's ``pixel_values`` into the enco
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,17 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,
 )
-from transformers.image_utils import SizeDict
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from ipcv_deploy.errors import ArtifactError, ConfigError, UnsupportedModelError
+from ipcv_deploy.errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    ConfigError,
+    UnsupportedModelError,
+)
+from ipcv_deploy.hf_compat import exact_size_image_processor, images_only_processor
 from ipcv_deploy.models.base import ImageSize
 from ipcv_deploy.models.presets import PRESETS, LoadedModel
 
@@ -187,9 +191,11 @@ def preset_processor(model_type: str, model_config: Any, image_size: ImageSize) 
             merge_size=vision.spatial_merge_size,
         )
         cls = Qwen2VLProcessor if model_type == "qwen2_vl" else Qwen2_5_VLProcessor
-        processor = _images_only(cls)(image_processor, tokenizer, None, chat_template=template)
+        processor = images_only_processor(cls)(
+            image_processor, tokenizer, None, chat_template=template
+        )
     elif model_type == "internvl":
-        processor = _images_only(InternVLProcessor)(
+        processor = images_only_processor(InternVLProcessor)(
             GotOcr2ImageProcessorPil(size={"height": h, "width": w}, crop_to_patches=False),
             tokenizer,
             None,
@@ -210,19 +216,6 @@ def preset_processor(model_type: str, model_config: Any, image_size: ImageSize) 
     return fit_processor(processor, model_type, image_size)
 
 
-def _images_only(cls: type) -> type:
-    """``cls`` accepting no video processor (a ``None`` one fails without torchvision)."""
-
-    class ImagesOnly(cls):
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument is None and "video" in argument_name:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    ImagesOnly.__name__ = ImagesOnly.__qualname__ = cls.__name__
-    return ImagesOnly
-
-
 def load_processor(loaded: LoadedModel, image_size: ImageSize) -> Any:
     """The model's processor (checkpoint directory or preset), fitted to ``image_size``.
 
@@ -230,6 +223,7 @@ def load_processor(loaded: LoadedModel, image_size: ImageSize) -> Any:
         UnsupportedModelError: a family without runtime support.
         ConfigError: a preset without an LLM.
         ArtifactError: a checkpoint directory whose processor files do not load.
+        BackendUnavailableError: its processor needs torchvision, which is missing.
     """
     model_type = loaded.adapter.model_types[0]
     _family(model_type)
@@ -243,11 +237,16 @@ def load_processor(loaded: LoadedModel, image_size: ImageSize) -> Any:
     try:
         processor = AutoProcessor.from_pretrained(Path(loaded.name))
     except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        if "torchvision" in reason.lower():
+            raise BackendUnavailableError(
+                f"the processor of {loaded.name} needs torchvision (transformers' Qwen / "
+                f"InternVL processors load a video processor), which is not installed; pip "
+                f"install the torchvision release that matches torch {torch.__version__}"
+            ) from None
         raise ArtifactError(
-            f"could not load the processor of {loaded.name}: "
-            f"{str(err).splitlines()[0]}; the directory needs the processor and tokenizer "
-            "files saved with the model, and transformers' Qwen / InternVL processors need "
-            "torchvision for their video part (pip install the torchvision matching torch)"
+            f"could not load the processor of {loaded.name}: {reason or type(err).__name__}; "
+            "the directory needs the processor and tokenizer files saved with the model"
         ) from None
     return fit_processor(processor, model_type, image_size)
 
@@ -258,18 +257,20 @@ def fit_processor(processor: Any, model_type: str, image_size: ImageSize) -> Any
     Qwen2-VL / Qwen2.5-VL: min = max pixels = H * W, and every image resized to H x W (not
     only those of H x W already: ``smart_resize`` alone keeps the aspect ratio). InternVL: a
     resize to H x W, no ``crop_to_patches``. LLaVA: shortest edge to min(H, W), center crop
-    H x W. Returns ``processor`` (changed in place).
+    H x W. The tokenizer pads on the left, as decoding needs (checkpoint tokenizers often pad
+    on the right). Returns ``processor`` (changed in place).
 
     Raises:
         UnsupportedModelError: a family without runtime support.
     """
     _family(model_type)
     h, w = (int(s) for s in image_size)
+    processor.tokenizer.padding_side = "left"
     images = processor.image_processor
     images.do_resize = True
     if model_type in _QWEN_TYPES:
         images.size = {"shortest_edge": h * w, "longest_edge": h * w}
-        images.__class__ = _exact_size_class(_base_class(type(images)), h, w)
+        exact_size_image_processor(images, h, w)
     elif model_type == "internvl":
         images.size = {"height": h, "width": w}
         images.crop_to_patches = False
@@ -284,32 +285,6 @@ def fit_processor(processor: Any, model_type: str, image_size: ImageSize) -> Any
         images.do_center_crop = True
         images.crop_size = {"height": h, "width": w}
     return processor
-
-
-def _base_class(cls: type) -> type:
-    return getattr(cls, "_exact_base", cls)
-
-
-@functools.cache
-def _exact_size_class(cls: type, height: int, width: int) -> type:
-    """Qwen-style image processor ``cls`` resizing every image to ``height`` x ``width``.
-
-    Its ``resize`` skips ``smart_resize`` and calls the backend's (PIL or torchvision) plain
-    resize. The class keeps ``cls``'s name, so a saved processor loads as ``cls``.
-    """
-    backend = next(c for c in cls.__mro__ if c.__module__.endswith("image_processing_backends"))
-
-    class ExactSize(cls):
-        _exact_base = cls
-
-        def resize(self, *args: Any, **kwargs: Any) -> Any:
-            image = args[0] if args else kwargs.get("image", kwargs.get("images"))
-            resample = kwargs.get("resample", args[2] if len(args) > 2 else None)
-            size = SizeDict(height=height, width=width)
-            return backend.resize(self, image, size, resample)
-
-    ExactSize.__name__ = ExactSize.__qualname__ = cls.__name__
-    return ExactSize
 
 
 def image_rows(model_type: str, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:

@@ -6,33 +6,20 @@ the last block; PaliGemma's linear projector runs outside the tower on the resto
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
-from torch import nn
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ipcv_deploy.compression import EncodedInput, TokenSet
-from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
-from ipcv_deploy.errors import InputError
 from ipcv_deploy.models.base import (
     FixedImageAdapter,
-    ImageSize,
     register_adapter,
-    reject_layer_outputs,
     tiny_text_config,
 )
 from ipcv_deploy.models.prenorm_vit import prenorm_block, prenorm_stabilized_block
 
 __all__ = ["SiglipAdapter"]
-
-
-@dataclass
-class _Images:
-    tokens: int  # N = patches per image
 
 
 @register_adapter
@@ -54,47 +41,13 @@ class SiglipAdapter(FixedImageAdapter):
         """Number of SigLIP encoder layers."""
         return len(self.vision.encoder.layers)
 
-    def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
-        """Blocks and patch embedding at ``image_size`` (no CLS)."""
-        self.check_image_size(image_size)
-        cfg = self.vision.config
-        patches = (image_size[0] // cfg.patch_size) * (image_size[1] // cfg.patch_size)
-        return EncoderShape(
-            depth=self.depth,
-            width=cfg.hidden_size,
-            mlp_hidden=cfg.intermediate_size,
-            mlp_matrices=2,
-            tokens=patches,
-            num_prefix=0,
-            embed_flops=2 * patches * cfg.num_channels * cfg.patch_size**2 * cfg.hidden_size,
-            head_flops=0,
-        )
-
     def features(self, output: BaseModelOutputWithPooling) -> torch.Tensor:
         """``last_hidden_state`` [images, N, D] after ``post_layernorm``: the projector's input."""
         return output.last_hidden_state
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.ndim != 4:
-            raise InputError(
-                "pixel_values must be [images, channels, height, width], "
-                f"got {tuple(pixel_values.shape)}"
-            )
+        """Patch + position embeddings."""
         return self.vision.embeddings(pixel_values)
-
-    def embed(self, pixel_values: torch.Tensor, **kwargs: Any) -> EncodedInput:
-        """Patch + position embeddings; the images packed in one row, a segment each."""
-        reject_layer_outputs(kwargs, self.depth)
-        emb = self._embed(pixel_values)
-        images, tokens, width = emb.shape
-        return EncodedInput(
-            emb.reshape(1, images * tokens, width), (tokens,) * images, _Images(tokens)
-        )
-
-    def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
-        """Embed [B, 3, H, W]: one image per row, one segment."""
-        emb = self._embed(pixels)
-        return EncodedInput(emb, (emb.shape[1],), _Images(emb.shape[1]))
 
     def block(
         self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
@@ -110,15 +63,9 @@ class SiglipAdapter(FixedImageAdapter):
 
     def head(self, full: torch.Tensor, enc: EncodedInput) -> BaseModelOutputWithPooling:
         """``post_layernorm`` (and the attention-pooling head, if the tower has one)."""
-        images: _Images = enc.context
-        out = self.vision.post_layernorm(full.reshape(-1, images.tokens, full.shape[-1]))
+        out = self.vision.post_layernorm(self.images(full, enc))
         pooled = self.vision.head(out) if getattr(self.vision, "use_head", False) else None
         return BaseModelOutputWithPooling(last_hidden_state=out, pooler_output=pooled)
-
-    def projector(self, model: nn.Module) -> nn.Module | None:
-        """PaliGemma's linear ``multi_modal_projector`` (what ``get_image_features`` returns)."""
-        inner = getattr(model, "model", model)
-        return getattr(inner, "multi_modal_projector", None)
 
 
 def tiny_config(depth: int = 6, image_size: int = 112) -> PaliGemmaConfig:

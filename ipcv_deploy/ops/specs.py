@@ -15,10 +15,17 @@ __all__ = [
     "OP_SPECS",
     "PLUGIN_NAMESPACE",
     "PLUGIN_VERSION",
+    "RANKING",
     "AttrSpec",
     "OpSpec",
     "TensorSpec",
 ]
+
+#: The ranking rule every implementation of the ops follows (reference, ONNX bodies, kernels).
+RANKING = (
+    "ties go to the lower index; TokenSelect ranks a NaN score as -inf (prefix tokens are "
+    "still kept), NeighborIndex ranks a NaN distance as +inf"
+)
 
 DOMAIN = "ipcv"
 OPSET_VERSION = 1
@@ -76,7 +83,8 @@ TOKEN_SELECT = OpSpec(
         AttrSpec("num_keep", 1, "P, tokens kept per row (prefix tokens included)"),
         AttrSpec("num_prefix", 0, "leading tokens of each row always kept (CLS)"),
     ),
-    doc="fp32 score ||h_cur - h_prev||_2 per token, top-P (prefix forced), both sets sorted.",
+    doc="fp32 score ||h_cur - h_prev||_2 per token, top-P (prefix forced; ties: lower index; "
+    "NaN as -inf), both sets sorted.",
 )
 
 NEIGHBOR_INDEX = OpSpec(
@@ -88,7 +96,8 @@ NEIGHBOR_INDEX = OpSpec(
     ),
     outputs=(TensorSpec("nbr", "int64", ("B", "R", "k"), "k nearest kept tokens, nearest first"),),
     attributes=(AttrSpec("num_neighbors", 1, "k, neighbours per pruned token (k <= P)"),),
-    doc="Euclidean kNN in fp32 via |a|^2 + |b|^2 - 2ab^T, then the k smallest.",
+    doc="Euclidean kNN in fp32 via |a|^2 + |b|^2 - 2ab^T, then the k smallest (ties: lower "
+    "index; NaN as +inf).",
 )
 
 NEIGHBOR_RECONSTRUCT = OpSpec(

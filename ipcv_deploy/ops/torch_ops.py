@@ -3,6 +3,10 @@
 Every other implementation (ONNX function bodies, CUDA kernels, TensorRT plugins) is tested
 against these bodies. ``register_fake`` derives output shapes from attributes only, never from
 data, so the ops trace and export with a static kept count.
+
+Ranking is deterministic and the same in every implementation (``ops.specs.RANKING``): equal
+values go to the lower index first; a NaN score ranks below every number (TokenSelect treats
+it as -inf) and a NaN distance after every number (NeighborIndex treats it as +inf).
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ def _token_select(
     h_prev: torch.Tensor, h_cur: torch.Tensor, num_keep: int, num_prefix: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scores = (h_cur.float() - h_prev.float()).norm(dim=-1)  # fp32 always: fp16 reorders top-k
+    scores = torch.where(scores.isnan(), float("-inf"), scores)
     if num_prefix > 0:
         scores[:, :num_prefix] = float("inf")
-    keep_idx = scores.topk(num_keep, dim=-1).indices.sort(dim=-1).values
-    kept = torch.zeros_like(scores, dtype=torch.int8).scatter_(1, keep_idx, 1)
-    # Stable argsort of the 0/1 mask lists pruned tokens first, each group ascending.
-    order = kept.argsort(dim=-1, stable=True)
-    drop_idx = order[:, : scores.shape[1] - num_keep].contiguous()
+    # A stable descending sort ranks equal scores by index, lower first.
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    keep_idx = order[:, :num_keep].sort(dim=-1).values
+    drop_idx = order[:, num_keep:].sort(dim=-1).values
     return keep_idx, drop_idx
 
 
@@ -45,7 +49,9 @@ def _neighbor_index(x_keep: torch.Tensor, x_drop: torch.Tensor, num_neighbors: i
         + b.square().sum(-1).unsqueeze(1)
         - 2.0 * torch.bmm(a, b.transpose(1, 2))
     )  # [B, R, P] squared distances, fp32
-    return dist.topk(num_neighbors, dim=-1, largest=False).indices
+    dist = torch.where(dist.isnan(), float("inf"), dist)
+    # A stable ascending sort ranks equal distances by index, lower first.
+    return dist.sort(dim=-1, stable=True).indices[..., :num_neighbors].contiguous()
 
 
 @_neighbor_index.register_fake
@@ -92,7 +98,8 @@ def token_select(
         num_prefix: leading tokens of every row always kept (InternVL's CLS).
 
     Returns:
-        ``keep_idx`` [B, P] and ``drop_idx`` [B, N - P], int64, each ascending.
+        ``keep_idx`` [B, P] and ``drop_idx`` [B, N - P], int64, each ascending. Among equal
+        scores the lower index is kept; a NaN score counts as -inf (prefix tokens still kept).
     """
     return torch.ops.ipcv.token_select(h_prev, h_cur, num_keep, num_prefix)
 
@@ -106,7 +113,8 @@ def neighbor_index(x_keep: torch.Tensor, x_drop: torch.Tensor, num_neighbors: in
         num_neighbors: k, at most P.
 
     Returns:
-        [B, R, k] int64 indices into the P kept tokens, nearest first.
+        [B, R, k] int64 indices into the P kept tokens, nearest first; equal distances in
+        index order (lower first); a NaN distance counts as +inf.
     """
     return torch.ops.ipcv.neighbor_index(x_keep, x_drop, num_neighbors)
 

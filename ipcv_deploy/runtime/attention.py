@@ -17,9 +17,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
+
+from ipcv_deploy.hf_compat import (
+    attention_implementation,
+    register_attention,
+    sdpa_attention,
+)
 
 __all__ = ["RECORDING_ATTENTION", "AttentionRecord", "recording_attention"]
 
@@ -82,11 +85,10 @@ def _recording_sdpa(
     record = _ACTIVE.get()
     if record is not None and getattr(module, "layer_idx", None) == record.layer:
         record.capture(query, key, attention_mask, kwargs.get("scaling"))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(RECORDING_ATTENTION, _recording_sdpa)
-AttentionMaskInterface.register(RECORDING_ATTENTION, sdpa_mask)
+register_attention(RECORDING_ATTENTION, _recording_sdpa)
 
 
 @contextlib.contextmanager
@@ -96,17 +98,13 @@ def recording_attention(config: Any, record: AttentionRecord) -> Iterator[Attent
     Args:
         config: the decoder's config object (``model.config.text_config`` or the model's own).
         record: filled by the layer ``record.layer`` during the forward inside the block.
+
+    Raises:
+        ConfigError: the LLM does not run SDPA attention.
     """
-    previous = config._attn_implementation
-    if previous not in ("sdpa", RECORDING_ATTENTION):
-        raise ValueError(
-            f"LLM-side pruning needs the LLM on SDPA attention, it uses {previous!r}; "
-            "load it with attn_implementation='sdpa'"
-        )
-    config._attn_implementation = RECORDING_ATTENTION
-    token = _ACTIVE.set(record)
-    try:
-        yield record
-    finally:
-        _ACTIVE.reset(token)
-        config._attn_implementation = previous
+    with attention_implementation(config, RECORDING_ATTENTION, allowed=("sdpa",)):
+        token = _ACTIVE.set(record)
+        try:
+            yield record
+        finally:
+            _ACTIVE.reset(token)

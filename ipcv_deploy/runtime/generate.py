@@ -19,10 +19,18 @@ from torch import nn
 from transformers import DynamicCache
 
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
-from ipcv_deploy.errors import ConfigError
+from ipcv_deploy.errors import ConfigError, InputError
+from ipcv_deploy.hf_compat import cache_argument, cache_tensors
 from ipcv_deploy.runtime.prefill import PrefillPruner, PruningOutcome
 
-__all__ = ["Generation", "LLMInputs", "SamplingConfig", "generate", "kv_cache_bytes"]
+__all__ = [
+    "Generation",
+    "LLMInputs",
+    "SamplingConfig",
+    "check_left_padded",
+    "generate",
+    "kv_cache_bytes",
+]
 
 #: Called after every decoding step with the step index and the new token of every sample.
 TokenCallback = Callable[[int, torch.Tensor], None]
@@ -106,12 +114,22 @@ def language_model(model: nn.Module) -> nn.Module:
 
 def kv_cache_bytes(cache: DynamicCache) -> int:
     """Bytes held by the keys and values of every layer."""
-    return sum(
-        t.numel() * t.element_size()
-        for layer in cache.layers
-        for t in (layer.keys, layer.values)
-        if t is not None
-    )
+    return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
+
+
+def check_left_padded(attention_mask: torch.Tensor) -> None:
+    """Raise ``InputError`` unless every row is padding first, then tokens (left padding).
+
+    Decoding appends every new token at the right end and continues positions from the last
+    prompt token, which is only right when the padding is on the left.
+    """
+    mask = attention_mask.bool()
+    started = mask.cummax(dim=1).values
+    if bool((started & ~mask).any()) or not bool(mask[:, -1].all()):
+        raise InputError(
+            "the prompt batch is not left-padded (padding after tokens); set the tokenizer's "
+            "padding_side='left' or run the prompts one at a time"
+        )
 
 
 def _token_ids(value: int | list[int] | None) -> list[int]:
@@ -162,6 +180,7 @@ def generate(
     )
     pad = getattr(generation_config, "pad_token_id", None)
     pad = pad if pad is not None else (eos[0] if eos else 0)
+    check_left_padded(inputs.attention_mask)
     rng = torch.Generator().manual_seed(sampling.seed)
     cache = DynamicCache(config=decoder.config)
     mask = inputs.attention_mask
@@ -176,16 +195,18 @@ def generate(
             pruning_layer,
             inputs.image_mask,
             inputs.attention_mask,
+            cache,
         )
     with pruner if pruner is not None else contextlib.nullcontext():
         out = decoder(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=mask,
             position_ids=inputs.position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **cache_argument(decoder, cache),
         )
     if pruner is not None:
+        pruner.check_cache()
         mask = mask.gather(1, pruner.outcome.positions)
     logits = head(out.last_hidden_state[:, -1])
     scores = [logits] if return_scores else None
@@ -209,8 +230,8 @@ def generate(
             inputs_embeds=embed(token[:, None]),
             attention_mask=mask,
             position_ids=last_position + step,
-            past_key_values=cache,
             use_cache=True,
+            **cache_argument(decoder, cache),
         )
         logits = head(out.last_hidden_state[:, -1])
         if scores is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ConfigError, InputError
+from ipcv_deploy.hf_compat import prefill_position_ids
 from ipcv_deploy.models import LoadedModel, load_model, parse_dtype
 from ipcv_deploy.models.processors import fit_processor, image_rows, load_processor
 from ipcv_deploy.runtime.generate import (
@@ -49,8 +51,15 @@ def load_image(image: ImageInput) -> Image.Image:
     if not path.is_file():
         raise InputError(f"image not found: {path}; pass an existing image file")
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                return opened.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputError(
+            f"image {path} is too large to decode safely ({str(err).splitlines()[0]}); "
+            "downscale it first"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise InputError(
             f"cannot read image {path}: {str(err).splitlines()[0]}; pass a PNG/JPEG/... file"
@@ -224,9 +233,7 @@ class VLMPipeline:
             for k, v in batch.items()
             if k not in ("input_ids", "attention_mask", "pixel_values")
         }
-        positions = self.model._prepare_position_ids_for_generation(
-            ids, {"input_ids": ids, "attention_mask": mask, **extra}
-        )
+        positions = prefill_position_ids(self.model, ids, {"attention_mask": mask, **extra})
         timings["stitch_s"] = time.perf_counter() - start
         return LLMInputs(ids, mask, inputs_embeds, positions, image_mask), timings
 

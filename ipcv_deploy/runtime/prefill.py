@@ -23,7 +23,8 @@ from ipcv_deploy.compression.llm_pruning import (
     fastv_select,
     tokencarve_select,
 )
-from ipcv_deploy.errors import InputError
+from ipcv_deploy.errors import CompatibilityError, InputError
+from ipcv_deploy.hf_compat import CACHE_ARGUMENTS, cache_lengths, cut_cache
 from ipcv_deploy.runtime.attention import AttentionRecord, recording_attention
 
 __all__ = ["PrefillPruner", "PruningOutcome"]
@@ -57,25 +58,81 @@ def _gather_seq(t: torch.Tensor, keep: torch.Tensor, dim: int, batch_dim: int = 
     return t.gather(dim, keep.view(view).expand(index_shape))
 
 
+def _unexpected(name: str, value: Any, want: str) -> CompatibilityError:
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+    return CompatibilityError(
+        f"LLM-side pruning got decoder-layer input {name} of layout {shape}, expected {want}; "
+        "this transformers release passes prefill inputs in a way the pruner does not know"
+    )
+
+
+def _batch_ok(t: torch.Tensor, dim: int, batch: int) -> bool:
+    return t.shape[dim] in (1, batch)
+
+
 def _shrink_mask(mask: Any, keep: torch.Tensor, length: int) -> Any:
-    if not isinstance(mask, torch.Tensor) or mask.ndim != 4 or mask.shape[-2:] != (length, length):
-        return mask
+    """A 4-D [B, 1, L, L] mask gathered on both sequence axes (``None`` stays ``None``)."""
+    if mask is None:
+        return None
+    if (
+        not isinstance(mask, torch.Tensor)
+        or mask.ndim != 4
+        or mask.shape[-2:] != (length, length)
+        or not _batch_ok(mask, 0, keep.shape[0])
+    ):
+        raise _unexpected("attention_mask", mask, f"None or a [batch, 1, {length}, {length}] mask")
     return _gather_seq(_gather_seq(mask, keep, -2), keep, -1)
 
 
 def _shrink_positions(positions: Any, keep: torch.Tensor, length: int) -> Any:
-    if not isinstance(positions, torch.Tensor) or positions.shape[-1] != length:
-        return positions
-    # [B, L] or [R, B, L] (multi-axis rotary positions)
+    """[B, L] or [R, B, L] (multi-axis rotary) positions gathered to the kept positions."""
+    if positions is None:
+        return None
+    if (
+        not isinstance(positions, torch.Tensor)
+        or positions.ndim not in (2, 3)
+        or positions.shape[-1] != length
+        or not _batch_ok(positions, -2, keep.shape[0])
+    ):
+        raise _unexpected(
+            "position_ids", positions, f"[batch, {length}] or [axes, batch, {length}]"
+        )
     return _gather_seq(positions, keep, -1, batch_dim=positions.ndim - 2)
 
 
 def _shrink_rotary(tables: Any, keep: torch.Tensor, length: int) -> Any:
-    if not isinstance(tables, tuple):
-        return tables
-    return tuple(
-        _gather_seq(t, keep, -2) if t.ndim >= 3 and t.shape[-2] == length else t for t in tables
-    )
+    """(cos, sin), each [B, L, d] or [R, B, L, d], gathered to the kept positions."""
+    if tables is None:
+        return None
+    if not isinstance(tables, tuple) or not all(
+        isinstance(t, torch.Tensor)
+        and t.ndim in (3, 4)
+        and t.shape[-2] == length
+        and _batch_ok(t, -3, keep.shape[0])
+        for t in tables
+    ):
+        raise _unexpected(
+            "position_embeddings", tables, f"(cos, sin) of [batch, {length}, head_dim]"
+        )
+    return tuple(_gather_seq(t, keep, -2, batch_dim=t.ndim - 3) for t in tables)
+
+
+def _shrink_cache_position(cache_position: Any, kept: int, length: int) -> Any:
+    """The cache slots the kept tokens are written to: the first ``kept`` of the prompt's."""
+    if cache_position is None:
+        return None
+    if not isinstance(cache_position, torch.Tensor) or tuple(cache_position.shape) != (length,):
+        raise _unexpected("cache_position", cache_position, f"[{length}]")
+    return cache_position[:kept]
+
+
+#: Decoder-layer keyword inputs that carry no sequence axis.
+_PASS_THROUGH = frozenset({"hidden_states", "use_cache", "output_attentions", *CACHE_ARGUMENTS})
+
+
+def _has_sequence_axis(value: Any, length: int) -> bool:
+    tensors = value if isinstance(value, (tuple, list)) else (value,)
+    return any(isinstance(t, torch.Tensor) and length in t.shape for t in tensors)
 
 
 class PrefillPruner:
@@ -89,6 +146,7 @@ class PrefillPruner:
         layer: ``K_llm`` (already checked against the depth).
         image_mask: [B, L] True on image placeholder rows.
         attention_mask: [B, L] 1 on real tokens, 0 on padding.
+        cache: the KV cache the prefill fills; the layers before ``layer`` are cut in it.
     """
 
     def __init__(
@@ -99,8 +157,10 @@ class PrefillPruner:
         layer: int,
         image_mask: torch.Tensor,
         attention_mask: torch.Tensor,
+        cache: Any,
     ) -> None:
         self.layers = layers
+        self.cache = cache
         self.text_config = text_config
         self.config = config
         self.layer = layer
@@ -135,11 +195,7 @@ class PrefillPruner:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         keep, image_kept, hidden = self._select(hidden)
         self.outcome = PruningOutcome(keep, image_kept, int(self.image_mask[0].sum()))
-        cache = kwargs.get("past_key_values")
-        if cache is not None:
-            for done in cache.layers[: self.layer]:
-                done.keys = _gather_seq(done.keys, keep, -2)
-                done.values = _gather_seq(done.values, keep, -2)
+        cut_cache(self.cache, keep, self.layer)
         return (hidden, *args[1:]), self._shrink(kwargs)
 
     def _follow(
@@ -148,14 +204,42 @@ class PrefillPruner:
         return args, self._shrink(kwargs)
 
     def _shrink(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Every sequence-long input of a decoder layer, cut to the kept positions.
+
+        Raises:
+            CompatibilityError: an input of a layout the pruner does not know (never passed
+                through unchanged, which would silently mix pruned and unpruned shapes).
+        """
         keep, length = self.outcome.positions, self.length
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = _shrink_mask(kwargs.get("attention_mask"), keep, length)
-        kwargs["position_ids"] = _shrink_positions(kwargs.get("position_ids"), keep, length)
-        kwargs["position_embeddings"] = _shrink_rotary(
-            kwargs.get("position_embeddings"), keep, length
-        )
-        return kwargs
+        shrink = {
+            "attention_mask": lambda v: _shrink_mask(v, keep, length),
+            "position_ids": lambda v: _shrink_positions(v, keep, length),
+            "position_embeddings": lambda v: _shrink_rotary(v, keep, length),
+            "cache_position": lambda v: _shrink_cache_position(v, keep.shape[1], length),
+        }
+        out = {}
+        for name, value in kwargs.items():
+            if name in shrink:
+                out[name] = shrink[name](value)
+            elif name in _PASS_THROUGH or not _has_sequence_axis(value, length):
+                out[name] = value
+            else:
+                raise _unexpected(name, value, "an input the pruner knows")
+        return out
+
+    def check_cache(self) -> None:
+        """After the prefill: every layer's KV holds exactly the kept positions.
+
+        Raises:
+            CompatibilityError: some layer's cache was not cut (or was cut twice).
+        """
+        kept = self.outcome.positions.shape[1] if self.outcome is not None else None
+        lengths = cache_lengths(self.cache)
+        if kept is None or any(n != kept for n in lengths):
+            raise CompatibilityError(
+                f"after LLM-side pruning the KV cache holds {lengths} positions per layer, "
+                f"expected {kept} in every layer; the pruner did not reach every layer"
+            )
 
     # --- selection ---------------------------------------------------------------------------
     def _select(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

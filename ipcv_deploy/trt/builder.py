@@ -14,9 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ipcv_deploy.artifact import Artifact, staged_directory
-from ipcv_deploy.bench.report import write_json
+from ipcv_deploy.artifact import Artifact
 from ipcv_deploy.errors import ArtifactError, BackendUnavailableError, ConfigError
+from ipcv_deploy.fileio import staged_directory, write_json
 from ipcv_deploy.trt.check import check_model
 from ipcv_deploy.trt.engine import (
     ENGINE_FILE,
@@ -26,6 +26,7 @@ from ipcv_deploy.trt.engine import (
     BuildSettings,
     engine_key,
     read_engine_manifest,
+    read_platform,
     rebuild_reason,
 )
 
@@ -130,7 +131,7 @@ def build_engine(
 
     trt = import_tensorrt()
     require_plugin_library(plugin)
-    key = engine_key(artifact, settings, plugin, trt.__version__, gpu_sm())
+    key = engine_key(artifact, settings, plugin, read_platform(trt.__version__, gpu_sm()))
     reason = rebuild_reason(read_engine_manifest(out), key)
     if reason is None and not force:
         progress(f"reusing {out / ENGINE_FILE} (same TensorRT, GPU, graph, plugin and settings)")
@@ -178,7 +179,7 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ArtifactError(f"TensorRT failed to build {onnx_path}; rerun with a verbose logger")
-    with staged_directory(out, force=True) as stage:
+    with staged_directory(out, force=True, marker=ENGINE_MANIFEST) as stage:
         (stage / ENGINE_FILE).write_bytes(bytes(serialized))
         (stage / TIMING_CACHE).write_bytes(bytes(config.get_timing_cache().serialize()))
         shutil.copy2(plugin, stage / PLUGIN_LIBRARY)

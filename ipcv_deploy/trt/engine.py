@@ -5,13 +5,16 @@ The cache rule decides when a built engine may be reused. Pure Python (no Tensor
 
 from __future__ import annotations
 
+import ctypes
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ipcv_deploy.artifact import Artifact, sha256_of
+from ipcv_deploy.artifact import Artifact
 from ipcv_deploy.errors import ArtifactError, ConfigError
+from ipcv_deploy.fileio import sha256_of
 
 __all__ = [
     "ENGINE_FILE",
@@ -21,8 +24,10 @@ __all__ = [
     "BatchProfile",
     "BuildSettings",
     "EngineKey",
+    "Platform",
     "engine_key",
     "read_engine_manifest",
+    "read_platform",
     "rebuild_reason",
 ]
 
@@ -84,15 +89,83 @@ class BuildSettings:
 
 
 @dataclass(frozen=True)
-class EngineKey:
-    """Everything an engine depends on: change any one and the engine must be rebuilt.
+class Platform:
+    """The machine an engine is built on: what TensorRT engines are not portable across.
 
-    Engines are not portable across TensorRT versions, GPUs (SM) or JetPack releases, and
-    depend on the exact graph, weights, plugin library, precision and profiles.
+    Attributes:
+        tensorrt_version: TensorRT's version.
+        gpu_sm: compute capability of the GPU, e.g. ``"8.7"``.
+        cuda_driver: the CUDA version the driver supports (``cuDriverGetVersion``), e.g.
+            ``"12.6"``; ``None`` where no CUDA driver is loaded.
+        nvidia_driver: the kernel driver's version (``/proc/driver/nvidia/version``), ``None``
+            where absent (Jetson).
+        l4t_release: the Jetson Linux (JetPack) release (``/etc/nv_tegra_release``), e.g.
+            ``"R36.4.3"``; ``None`` off Jetson.
     """
 
     tensorrt_version: str
     gpu_sm: str
+    cuda_driver: str | None = None
+    nvidia_driver: str | None = None
+    l4t_release: str | None = None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def parse_l4t_release(text: str) -> str | None:
+    """``# R36 (release), REVISION: 4.3, ...`` -> ``"R36.4.3"``."""
+    found = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
+    return f"R{found[1]}.{found[2]}" if found else None
+
+
+def parse_nvidia_driver(text: str) -> str | None:
+    """``NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  ...`` -> ``"550.54.14"``."""
+    found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", text)
+    return found[1] if found else None
+
+
+def _cuda_driver_version() -> str | None:
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
+def read_platform(tensorrt_version: str, gpu_sm: str, root: Path = Path("/")) -> Platform:
+    """This machine's ``Platform`` (``root`` is where ``/proc`` and ``/etc`` are read)."""
+    driver = _read(root / "proc/driver/nvidia/version")
+    tegra = _read(root / "etc/nv_tegra_release")
+    return Platform(
+        tensorrt_version=tensorrt_version,
+        gpu_sm=gpu_sm,
+        cuda_driver=_cuda_driver_version(),
+        nvidia_driver=parse_nvidia_driver(driver) if driver else None,
+        l4t_release=parse_l4t_release(tegra) if tegra else None,
+    )
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything an engine depends on: change any one and the engine must be rebuilt.
+
+    Engines are not portable across TensorRT versions, GPUs (SM), CUDA drivers or JetPack
+    releases, and depend on the exact graph, weights, plugin library, precision and profiles.
+    """
+
+    tensorrt_version: str
+    gpu_sm: str
+    cuda_driver: str | None
+    nvidia_driver: str | None
+    l4t_release: str | None
     precision: str
     profiles: tuple[tuple[int, int, int], ...]
     onnx_sha256: str
@@ -105,7 +178,7 @@ class EngineKey:
 
 
 def engine_key(
-    artifact: Artifact, settings: BuildSettings, plugin: Path, tensorrt_version: str, gpu_sm: str
+    artifact: Artifact, settings: BuildSettings, plugin: Path, platform: Platform
 ) -> EngineKey:
     """The key of building ``artifact``'s TensorRT flavour with ``settings`` here."""
     onnx_name = artifact.manifest.flavours.get("trt")
@@ -115,8 +188,11 @@ def engine_key(
         )
     weights = [n for n in artifact.manifest.files if n.endswith(".data")]
     return EngineKey(
-        tensorrt_version=tensorrt_version,
-        gpu_sm=gpu_sm,
+        tensorrt_version=platform.tensorrt_version,
+        gpu_sm=platform.gpu_sm,
+        cuda_driver=platform.cuda_driver,
+        nvidia_driver=platform.nvidia_driver,
+        l4t_release=platform.l4t_release,
         precision=settings.precision,
         profiles=tuple((p.min, p.opt, p.max) for p in settings.profiles),
         onnx_sha256=artifact.manifest.files[onnx_name].sha256,
@@ -139,6 +215,9 @@ def read_engine_manifest(engine_dir: Path) -> dict[str, Any] | None:
 _LABELS = {
     "tensorrt_version": "TensorRT version",
     "gpu_sm": "GPU (SM)",
+    "cuda_driver": "CUDA driver",
+    "nvidia_driver": "NVIDIA driver",
+    "l4t_release": "JetPack (L4T) release",
     "precision": "precision",
     "profiles": "batch profiles",
     "onnx_sha256": "ONNX graph",

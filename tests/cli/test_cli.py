@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,12 @@ import pytest
 from ipcv_deploy.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
+TINY_QWEN = ["demo", "--model", "tiny-qwen2-vl"]
 
 
 def test_demo_json(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--json", "--runs", "1"]) == 0
+    assert main(["demo", "--model", "tiny-qwen2-vl", "--json", "--runs", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     onnx = result["onnx"]
     assert onnx["parity_passed"] and onnx["indices_identical"] and onnx["max_rel_err"] < 1e-5
@@ -28,6 +31,15 @@ def test_demo_json(capsys, tmp_path, monkeypatch):
     assert 0.5 < result["agreement"]["cosine"] < 1.0
     assert 0.4 < result["flops_per_image"]["ipcv_share_of_dense"] < 0.8
     assert set(result["latency_ms"]) == {"dense", "ipcv"}
+
+
+def test_demo_default_is_the_small_model_at_native_448(capsys):
+    """The README's main job: a model where IPCV saves more than half the FLOPs."""
+    assert main(["demo", "--json", "--runs", "1", "--no-export"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == "small-qwen2-vl" and result["image_size"] == [448, 448]
+    assert (result["tokens_per_image"], result["kept_per_image"]) == (1024, 358)
+    assert result["flops_per_image"]["ipcv_share_of_dense"] < 0.45
 
 
 def test_demo_table_internvl(capsys):
@@ -89,13 +101,26 @@ def test_bench_latency_tiny(tmp_path, capsys):
         (["demo", "--keep-ratio", "1.5"], r"keep_ratio must be in \(0, 1\], got 1.5"),
         (["demo", "--reduction", "1.2"], r"reduction must be in \[0, 1\)"),
         (["demo", "--prune-layer", "1"], r"prune_layer \(K\) must be >= 2, got 1"),
-        (["demo", "--prune-layer", "12"], r"must be < the encoder depth 12, got 12"),
+        ([*TINY_QWEN, "--prune-layer", "12"], r"must be < the encoder depth 12, got 12"),
         (["demo", "--as-layers", "-1"], "as_layers must be >= 0"),
         (["demo", "--num-neighbors", "0"], r"num_neighbors \(k\) must be >= 1"),
         (["demo", "--model", "llava-7b"], "unknown model 'llava-7b': not a built-in preset"),
         (["demo", "--image-size", "450x448"], "image size 450x448 does not fit Qwen2-VL"),
         (["demo", "--image-size", "big"], "image size must look like 448x448"),
         (["bench", "--model", "tiny-internvl"], "pick at least one benchmark"),
+        ([*TINY_QWEN, "--as-layers", "10"], r"as_layers=10 runs past the encoder.*at most 9"),
+        (
+            ["export", *TINY_QWEN[1:], "--num-neighbors", "90"],
+            r"num_neighbors \(k\) = 90 exceeds the 89 tokens kept per image",
+        ),
+        (["export", "--image-size", "100016x100016"], r"gives 51\d+ patches per image"),
+        (["export", "--dense", "--return-indices"], "a --dense export does not have"),
+        (["export", *TINY_QWEN[1:], "--selection", "global"], "holds one image per row"),
+        (["demo", "--selection", "global"], "pass --no-export"),
+        (["demo", "--runs", "0"], "--runs must be at least 1, got 0"),
+        (["demo", "--batch", "0"], "--batch must be at least 1, got 0"),
+        (["verify", "somewhere", "--rtol", "-1"], "--rtol must be a positive number"),
+        (["eval", "data.jsonl", "--limit", "0"], "--limit must be at least 1, got 0"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch):
@@ -104,6 +129,44 @@ def test_bad_input_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and re.search(message, err), err
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("kind", ["user directory", "file"])
+def test_export_force_never_replaces_what_it_did_not_write(kind, tmp_path, capsys):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("my notes")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("my notes")
+    argv = ["export", "--model", "tiny-qwen2-vl", "--out", str(out), "--force"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "refusing to replace it" in err[-1], err
+    assert not any(line.startswith("loading") for line in err)  # refused before any work
+    kept = out if kind == "file" else out / "notes.txt"
+    assert kept.read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden leftovers
+
+
+def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(tmp_path):
+    """SIGINT in the middle of an export: exit 130, one line, no partial directory."""
+    script = Path(sys.executable).parent / "ipcv-export"
+    argv = [str(script), "export", "--model", "tiny-qwen2-vl", "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, "export never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted"), err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoint_dir_with_bin_weights(tmp_path, capsys):
@@ -130,7 +193,7 @@ def test_readme_has_the_two_setup_commands():
 def test_installed_script_runs_demo(tmp_path):
     """The console script, as the README's first command uses it (without re-installing)."""
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ipcv-export"), "demo", "--json", "--runs", "1"],
+        [str(Path(sys.executable).parent / "ipcv-export"), *TINY_QWEN, "--json", "--runs", "1"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

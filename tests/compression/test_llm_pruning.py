@@ -86,12 +86,13 @@ def _tokencarve_reference(row: torch.Tensor, states: torch.Tensor, k: int):
 
     av, sv = points(row), points(sv_score_svd(states))
     fused = [0.5 * a + 0.5 * s for a, s in zip(av, sv, strict=True)]
-    stage1 = sorted(range(n), key=lambda i: -fused[i])[: k + k // 2]
-    a_set, b_set = stage1[: k - k // 4], stage1[k - k // 4 :]
+    stage1 = sorted(range(n), key=lambda i: -fused[i])[: int(1.5 * k)]
+    half = int(1.5 * k / 2)  # the reference splits stage I in half: A = floor(1.5K / 2)
+    a_set, b_set = stage1[:half], stage1[half:]
     unit = F.normalize(states, dim=-1)
     match = {b: max(a_set, key=lambda a: float(unit[b] @ unit[a])) for b in b_set}
     sim = {b: float(unit[b] @ unit[match[b]]) for b in b_set}
-    merged = sorted(b_set, key=lambda b: -sim[b])[: len(b_set) - k // 4]
+    merged = sorted(b_set, key=lambda b: -sim[b])[: len(b_set) - (k - len(a_set))]
     out = states.clone()
     for a in a_set:
         group = [a] + [b for b in merged if match[b] == a]
@@ -100,7 +101,7 @@ def _tokencarve_reference(row: torch.Tensor, states: torch.Tensor, k: int):
     return kept, out[kept]
 
 
-@pytest.mark.parametrize(("n", "k"), [(48, 16), (36, 12), (20, 7)])
+@pytest.mark.parametrize(("n", "k"), [(48, 16), (36, 12), (20, 7), (30, 10), (41, 13), (64, 22)])
 def test_tokencarve_matches_the_spec_reference(n: int, k: int) -> None:
     g = torch.Generator().manual_seed(n)
     row = torch.rand(n, generator=g).softmax(0)

@@ -35,7 +35,24 @@ def test_a_flipped_byte_in_the_weights_is_refused(artifact_copy):
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match=r"does not match the SHA-256.*re-export"):
+        load_artifact(artifact_copy, check="full")
+
+
+def test_loading_to_run_checks_stamps_not_every_byte(artifact_copy, tmp_path):
+    """The default check reads ~3 MiB a file: a replaced start or end is refused at once."""
+    data = artifact_copy / "vision.onnx.data"
+    raw = bytearray(data.read_bytes())
+    assert load_artifact(artifact_copy).manifest.files["vision.onnx.data"].stamp
+    raw[10] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match=r"does not match the stamp.*re-export"):
         load_artifact(artifact_copy)
+    assert load_artifact(artifact_copy, check="size")  # sizes only: the export's own read-back
+
+
+def test_artifact_files_are_readable_by_everyone(ipcv_artifact):
+    for path in ipcv_artifact.path.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path
 
 
 def test_a_truncated_graph_is_refused(artifact_copy):
@@ -45,8 +62,9 @@ def test_a_truncated_graph_is_refused(artifact_copy):
         load_artifact(artifact_copy)
 
 
-def test_a_graph_from_another_export_is_refused(artifact_copy, dense_artifact):
-    shutil.copy(dense_artifact.path / "vision.onnx", artifact_copy / "vision.onnx")
+def test_a_graph_from_another_export_is_refused(artifact_copy, exports):
+    other = exports("tiny-internvl", dense=True, target="ort")
+    shutil.copy(other.path / "vision.onnx", artifact_copy / "vision.onnx")
     with pytest.raises(ArtifactError, match=r"vision.onnx"):
         load_artifact(artifact_copy)
 

@@ -14,9 +14,14 @@ from ipcv_deploy.compression import gather_tokens
 from ipcv_deploy.export import ONNX_OPSET, register_schemas
 from ipcv_deploy.export.functions import function_protos
 from ipcv_deploy.ops import DOMAIN, OP_SPECS, neighbor_index, neighbor_reconstruct, token_select
+from tests.cases import duplicated_kept_rows, large_norm_stream, tie_inputs
 from tests.parity import assert_close, assert_same_indices
 
-_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
+_TYPES = {
+    torch.float32: TensorProto.FLOAT,
+    torch.float16: TensorProto.FLOAT16,
+}
+DTYPES = [torch.float32, torch.float16]
 
 
 def _session(op_type: str, dtype: torch.dtype, **attrs) -> onnxruntime.InferenceSession:
@@ -57,15 +62,32 @@ def _run(session, **feeds):
     ]
 
 
-@pytest.mark.parametrize(("num_keep", "num_prefix"), [(1, 0), (18, 0), (18, 1), (50, 1), (49, 3)])
-def test_token_select_body(num_keep, num_prefix):
-    gen = torch.Generator().manual_seed(num_keep)
-    h_prev, h_cur = torch.randn(3, 50, 16, generator=gen), torch.randn(3, 50, 16, generator=gen)
-    session = _session("TokenSelect", torch.float32, num_keep=num_keep, num_prefix=num_prefix)
+def _check_token_select(h_prev, h_cur, num_keep, num_prefix):
+    session = _session("TokenSelect", h_cur.dtype, num_keep=num_keep, num_prefix=num_prefix)
     keep, drop = _run(session, h_prev=h_prev, h_cur=h_cur)
     want_keep, want_drop = token_select(h_prev, h_cur, num_keep, num_prefix)
     assert_same_indices(keep, want_keep, "keep_idx")
     assert_same_indices(drop, want_drop, "drop_idx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_keep", "num_prefix"), [(1, 0), (18, 0), (18, 1), (50, 1), (49, 3)])
+def test_token_select_body(num_keep, num_prefix, dtype):
+    gen = torch.Generator().manual_seed(num_keep)
+    h_prev, h_cur = (torch.randn(3, 50, 16, generator=gen).to(dtype) for _ in range(2))
+    _check_token_select(h_prev, h_cur, num_keep, num_prefix)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_keep", "num_prefix"), [(1, 0), (11, 0), (11, 1), (20, 3)])
+def test_token_select_body_ties_and_nan(num_keep, num_prefix, dtype):
+    h_prev, h_cur = tie_inputs()
+    _check_token_select(h_prev.to(dtype), h_cur.to(dtype), num_keep, num_prefix)
+
+
+def test_token_select_body_scores_half_inputs_in_fp32():
+    h_prev, h_cur = large_norm_stream()
+    _check_token_select(h_prev, h_cur, 70, 0)
 
 
 def _pools(seed: int, dtype: torch.dtype, batch: int = 2, tokens: int = 40, keep: int = 14):
@@ -75,13 +97,24 @@ def _pools(seed: int, dtype: torch.dtype, batch: int = 2, tokens: int = 40, keep
     return h_cur, keep_idx, drop_idx, gather_tokens(h_cur, keep_idx), gather_tokens(h_cur, drop_idx)
 
 
-@pytest.mark.parametrize("k", [1, 5, 14])
-def test_neighbor_index_body(k):
-    _, _, _, x_keep, x_drop = _pools(k, torch.float32)
-    (nbr,) = _run(
-        _session("NeighborIndex", torch.float32, num_neighbors=k), x_keep=x_keep, x_drop=x_drop
-    )
+def _check_neighbor_index(x_keep, x_drop, k):
+    session = _session("NeighborIndex", x_keep.dtype, num_neighbors=k)
+    (nbr,) = _run(session, x_keep=x_keep, x_drop=x_drop)
     assert_same_indices(nbr, neighbor_index(x_keep, x_drop, k), "nbr")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 5, 14])
+def test_neighbor_index_body(k, dtype):
+    _, _, _, x_keep, x_drop = _pools(k, dtype)
+    _check_neighbor_index(x_keep, x_drop, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_neighbor_index_body_ties_and_nan(k, dtype):
+    x_keep, x_drop = duplicated_kept_rows()
+    _check_neighbor_index(x_keep.to(dtype), x_drop.to(dtype), k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

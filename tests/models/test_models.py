@@ -226,3 +226,38 @@ def test_llava_next_anyres_tiles_and_newlines():
         apply_ipcv(model, IPCVConfig(prune_layer=3, keep_ratio=1.0, as_layers=2))
         got = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, want)
+
+
+def test_a_bare_clip_tower_behaves_like_the_dense_tower():
+    """Outside LLaVA, a CLIPVisionModel runs every block: keep 1.0 equals the dense tower in
+    last_hidden_state and pooler_output (inside LLaVA IPCV stops at vision_feature_layer)."""
+    from transformers import CLIPVisionModel
+
+    from ipcv_deploy.models.llava import tiny_config
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(tiny_config().vision_config).eval()
+    pixels = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = tower(pixels)
+        apply_ipcv(tower, IPCVConfig(prune_layer=3, keep_ratio=1.0, as_layers=2))
+        ours = tower(pixels)
+        apply_ipcv(tower, IPCVConfig(prune_layer=3, keep_ratio=0.35, as_layers=2))
+        pruned = tower(pixels)
+    assert_close(ours.last_hidden_state, dense.last_hidden_state)
+    assert_close(ours.pooler_output, dense.pooler_output)
+    assert not torch.allclose(pruned.last_hidden_state, dense.last_hidden_state, atol=1e-3)
+
+
+@pytest.mark.parametrize("layer", [-2, 0, "depth - 1", "depth"])
+def test_internvl_takes_only_the_last_layer(layer):
+    """hidden_states[i] is the output of block i - 1: any layer but -1 reads from inside the
+    tower, where IPCV has pruned tokens."""
+    loaded = load_model("tiny-internvl")
+    depth = get_adapter("internvl")(loaded.vision).depth
+    value = {"depth - 1": depth - 1, "depth": depth}.get(layer, layer)
+    loaded.model.config.vision_feature_layer = value
+    loaded.model.model.config.vision_feature_layer = value
+    message = rf"vision_feature_layer={value} .*only the last"
+    with pytest.raises(UnsupportedModelError, match=message):
+        apply_ipcv(loaded.model)

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
+from ipcv_deploy import IPCVConfig
 from ipcv_deploy.cli import main
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
-from ipcv_deploy.errors import ArtifactError, InputError
+from ipcv_deploy.errors import ArtifactError, BackendUnavailableError, ConfigError, InputError
 from ipcv_deploy.models import load_model
-from ipcv_deploy.runtime import SamplingConfig, VLMPipeline
+from ipcv_deploy.runtime import SamplingConfig, VLMPipeline, generate, load_image
 from ipcv_deploy.runtime.evaluate import evaluate, load_items, score_answer
 from ipcv_deploy.runtime.testcard import make_test_card
-from tests.conftest import export_tiny
 
 RUNTIME_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl", "tiny-llava")
 PROMPTS = ["What is this?", "Count the colour bars from left to right, please."]
@@ -63,11 +65,9 @@ def test_batch_equals_single_prompts_with_ipcv_and_dart() -> None:
     assert kv["tokens_after_prefill"] == kv["prompt_tokens"] - (64 - 20)
 
 
-@pytest.fixture(scope="module")
-def qwen_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runtime") / "tiny-qwen2-vl"
-    export_tiny("tiny-qwen2-vl", out, target="ort")
-    return out
+@pytest.fixture
+def qwen_artifact(exports) -> Path:
+    return exports("tiny-qwen2-vl", target="ort").path
 
 
 def test_onnxruntime_vision_answers_like_torch(qwen_artifact: Path) -> None:
@@ -115,14 +115,14 @@ def test_run_cli_streams_and_reports(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     assert code == 0
     assert "answer: " in out and "time to first token" in out and "KV cache" in out
-    assert "ViT 256 -> 89 in the IPCV blocks -> 64 to the LLM -> 22 after LLM pruning" in out
+    assert "ViT 1024 -> 358 in the IPCV blocks -> 256 to the LLM -> 89 after LLM pruning" in out
     code, out, _ = _cli(capsys, "run", "--max-new-tokens", "3", "--dense", "--json")
     report = json.loads(out)
     assert report["visual_tokens"] == {
-        "vit_input": 256,
-        "vit_kept": 256,
-        "llm_input": 64,
-        "llm_kept": 64,
+        "vit_input": 1024,
+        "vit_kept": 1024,
+        "llm_input": 256,
+        "llm_kept": 256,
     }
     assert len(report["tokens"]) <= 3 and report["ipcv"] is None
 
@@ -166,14 +166,23 @@ def test_eval_on_a_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFixture[s
         lines.append(json.dumps({"image": f"{i}.png", "question": question, "answer": answer}))
     (tmp_path / "vqa.jsonl").write_text("\n".join(lines) + "\n")
     items = load_items(tmp_path)
-    report = evaluate({"dense": dense}, items, SamplingConfig(4), batch_size=2)
+    ipcv = VLMPipeline.create(loaded, ipcv=IPCVConfig(prune_layer=3, keep_ratio=0.1))
+    variants = {"dense": dense, "ipcv": ipcv}
+    report = evaluate(variants, items, SamplingConfig(4), batch_size=2)
     assert report["variants"]["dense"]["exact_match"] == pytest.approx(2 / 3)
-    assert report["variants"]["dense"]["agreement"] == 1.0
+    # agreement: the share of answers identical to the first variant's, item by item
+    alone = [ipcv.run([i.image], [i.question], SamplingConfig(4)).answers[0] for i in items]
+    same = sum(a == t for a, t in zip(alone, truth, strict=True))
+    assert 0 < same < len(items), "the data must tell agreement apart from 0 and 1"
+    assert report["variants"]["ipcv"]["agreement"] == pytest.approx(same / len(items))
+    assert [p["ipcv"] for p in report["predictions"]] == alone
     out_file = tmp_path / "report.json"
     code, out, _ = _cli(
         capsys,
         "eval",
         str(tmp_path),
+        "--model",
+        "tiny-qwen2-vl",
         "--max-new-tokens",
         "4",
         "--batch",
@@ -186,6 +195,66 @@ def test_eval_on_a_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert saved["variants"]["dense"]["exact_match"] == pytest.approx(2 / 3)
     assert set(saved["variants"]) == {"dense", "compressed"}
     assert saved["variants"]["compressed"]["visual_tokens"]["vit_kept"] == 89
+
+
+@pytest.mark.parametrize("method", ["none", "dart", "fastv", "tokencarve"])
+def test_run_and_eval_every_llm_pruning_method_on_the_default(
+    method: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--llm-pruning none`` is "off", so scripts can loop over every method; the built-in
+    default model serves them all through run and eval."""
+    code, out, err = _cli(capsys, "run", "--llm-pruning", method, "--max-new-tokens", "3")
+    assert code == 0, err
+    assert "ViT 1024 -> 358 in the IPCV blocks -> 256 to the LLM" in out
+    assert ("no LLM pruning" in out) == (method == "none")
+    make_test_card().save(tmp_path / "card.png")
+    line = {"image": "card.png", "question": "What is shown?", "answer": "a test card"}
+    (tmp_path / "vqa.jsonl").write_text(json.dumps(line) + "\n")
+    code, out, err = _cli(
+        capsys, "eval", str(tmp_path), "--llm-pruning", method, "--max-new-tokens", "3", "--json"
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    pruning = report["variants"]["compressed"]["llm_pruning"]
+    assert (pruning is None) == (method == "none")
+
+
+def test_an_image_pil_refuses_as_a_bomb_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "big.png"
+    make_test_card(64, 64).save(image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is past twice the limit
+    code, _, err = _cli(capsys, "run", "--model", "tiny-qwen2-vl", "--image", str(image))
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("error: image"), err
+    assert "too large to decode safely" in err
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # between 1x and 2x: a warning in PIL
+    with pytest.raises(InputError, match="too large to decode safely"):
+        load_image(image)
+
+
+def test_llm_pruning_needs_recordable_attention() -> None:
+    loaded = load_model("tiny-qwen2-vl")
+    loaded.model.set_attn_implementation("eager")
+    pipeline = VLMPipeline.create(loaded, llm_pruning=LLMPruningConfig("fastv"))
+    with pytest.raises(ConfigError, match=r"runs 'eager' attention; load the model with"):
+        pipeline.run([make_test_card()], ["hi"], SamplingConfig(2))
+
+
+def test_right_padded_prompts_are_refused_and_checkpoints_pad_left(tmp_path: Path) -> None:
+    loaded = load_model("tiny-llava")
+    loaded.model.save_pretrained(tmp_path)
+    processor = VLMPipeline.create(loaded).processor
+    processor.tokenizer.padding_side = "right"  # as many checkpoints ship it
+    processor.save_pretrained(tmp_path)
+    pipeline = VLMPipeline.create(str(tmp_path))
+    assert pipeline.processor.tokenizer.padding_side == "left"
+    inputs, _ = pipeline.prepare(_images(pipeline), PROMPTS)
+    assert bool(inputs.attention_mask[:, -1].all())  # padding on the left
+    flipped = dataclasses.replace(inputs, attention_mask=inputs.attention_mask.flip(1))
+    with pytest.raises(InputError, match="not left-padded"):
+        generate(pipeline.model, flipped, SamplingConfig(2))
 
 
 def test_scoring_and_data_errors(tmp_path: Path) -> None:
@@ -210,4 +279,19 @@ def test_checkpoint_directory_uses_its_own_processor(tmp_path: Path) -> None:
     for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).unlink()
     with pytest.raises(ArtifactError, match="could not load the processor"):
+        VLMPipeline.create(str(tmp_path))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here"
+)
+def test_a_checkpoint_processor_that_needs_torchvision_says_so(tmp_path: Path) -> None:
+    """transformers' Qwen2-VL processor loads a video processor, which needs torchvision."""
+    loaded = load_model("tiny-qwen2-vl")
+    loaded.model.save_pretrained(tmp_path)
+    processor = VLMPipeline.create(loaded).processor
+    processor.tokenizer.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text('{"processor_class": "Qwen2VLProcessor"}')
+    with pytest.raises(BackendUnavailableError, match=r"needs torchvision .*matches torch 2\."):
         VLMPipeline.create(str(tmp_path))

@@ -16,8 +16,10 @@ from ipcv_deploy.trt.engine import (
     ENGINE_MANIFEST,
     BatchProfile,
     BuildSettings,
+    Platform,
     engine_key,
     read_engine_manifest,
+    read_platform,
     rebuild_reason,
 )
 from ipcv_deploy.trt.runner import check_engine_fits
@@ -51,10 +53,8 @@ def _key(artifact, plugin, **changes):
     settings = BuildSettings(
         changes.pop("precision", "fp16"), changes.pop("profiles", (BatchProfile(1, 1, 4),))
     )
-    key = engine_key(
-        artifact, settings, plugin, changes.pop("trt", "10.13.0"), changes.pop("sm", "8.7")
-    )
-    return key
+    platform = Platform(changes.pop("trt", "10.13.0"), changes.pop("sm", "8.7"), "12.6", None)
+    return engine_key(artifact, settings, plugin, platform)
 
 
 def _cached(tmp_path, key):
@@ -81,6 +81,9 @@ def test_cache_is_reused_only_when_nothing_changed(ipcv_artifact, plugin, tmp_pa
     changes = {
         "TensorRT version": dataclasses.replace(key, tensorrt_version="10.14.0"),
         "GPU (SM)": dataclasses.replace(key, gpu_sm="9.0"),
+        "CUDA driver": dataclasses.replace(key, cuda_driver="13.0"),
+        "NVIDIA driver": dataclasses.replace(key, nvidia_driver="580.65.06"),
+        "JetPack (L4T) release": dataclasses.replace(key, l4t_release="R38.2.0"),
         "precision": _key(ipcv_artifact, plugin, precision="bf16"),
         "batch profiles": _key(ipcv_artifact, plugin, profiles=(BatchProfile(1, 2, 8),)),
         "ONNX graph": dataclasses.replace(key, onnx_sha256="0" * 64),
@@ -90,6 +93,23 @@ def test_cache_is_reused_only_when_nothing_changed(ipcv_artifact, plugin, tmp_pa
         assert rebuild_reason(cached, wanted).startswith(f"{label} differs"), label
     plugin.write_bytes(b"plugin build 2")
     assert rebuild_reason(cached, _key(ipcv_artifact, plugin)).startswith("plugin library differs")
+
+
+def test_platform_is_read_from_the_driver_and_jetson_release_files(tmp_path):
+    (tmp_path / "proc/driver/nvidia").mkdir(parents=True)
+    (tmp_path / "proc/driver/nvidia/version").write_text(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024\n"
+        "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n"
+    )
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nv_tegra_release").write_text(
+        "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, "
+        "DATE: Wed Jan  8 01:49:37 UTC 2025\n"
+    )
+    platform = read_platform("10.13.0", "8.7", root=tmp_path)
+    assert (platform.nvidia_driver, platform.l4t_release) == ("550.54.14", "R36.4.3")
+    bare = read_platform("10.13.0", "8.7", root=tmp_path / "nothing")
+    assert (bare.nvidia_driver, bare.l4t_release) == (None, None)
 
 
 def test_corrupt_engine_manifest_means_rebuild(tmp_path):

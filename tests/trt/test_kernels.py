@@ -22,6 +22,7 @@ from ipcv_deploy.trt.kernels import (
     cuda_include_dir,
     find_nvcc,
 )
+from tests.cases import duplicated_kept_rows, tie_inputs
 from tests.parity import assert_close, assert_same_indices
 
 try:
@@ -87,6 +88,22 @@ def test_kernels_equal_the_pytorch_ops(kernel_library, dtype, tokens, keep, pref
     full = kernels.neighbor_reconstruct(*(a.cuda() for a in args)).cpu()
     rtol = 1e-5 if dtype == torch.float32 else 1e-2
     assert_close(full.float(), neighbor_reconstruct(*args).float(), rtol=rtol)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU: kernel-vs-reference needs one")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("keep", "prefix", "k"), [(1, 0, 1), (11, 1, 3), (20, 3, 12)])
+def test_kernels_follow_the_ranking_rule(kernel_library, dtype, keep, prefix, k):
+    """Repeated scores, duplicated kept rows and NaN: lower index first, exactly as the ops."""
+    kernels = CudaKernels(kernel_library)
+    h_prev, h_cur = (t.to(dtype) for t in tie_inputs())
+    keep_idx, drop_idx = kernels.token_select(h_prev.cuda(), h_cur.cuda(), keep, prefix)
+    want_keep, want_drop = token_select(h_prev, h_cur, keep, prefix)
+    assert_same_indices(keep_idx.cpu(), want_keep, "keep_idx")
+    assert_same_indices(drop_idx.cpu(), want_drop, "drop_idx")
+    x_keep, x_drop = (t.to(dtype) for t in duplicated_kept_rows())
+    nbr = kernels.neighbor_index(x_keep.cuda(), x_drop.cuda(), k).cpu()
+    assert_same_indices(nbr, neighbor_index(x_keep, x_drop, k), "nbr (order included)")
 
 
 @pytest.mark.skipif(

@@ -41,6 +41,7 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> nn.Module:
     adapter = adapter_cls(vision)
     config = config or adapter_cls.reference_ipcv()
     config.check_depth(adapter.depth)
+    adapter.prepare(config, refresh=True)
     dense = getattr(vision, _DENSE, None) or vision.forward
 
     @functools.wraps(dense)
@@ -55,9 +56,10 @@ def apply_ipcv(model: nn.Module, config: IPCVConfig | None = None) -> nn.Module:
 
 def remove_ipcv(model: nn.Module) -> nn.Module:
     """Restore the dense forward of a tower compressed by ``apply_ipcv`` (no-op otherwise)."""
-    _, vision = adapter_for_module(model)
+    adapter_cls, vision = adapter_for_module(model)
     dense = vision.__dict__.pop(_DENSE, None)
     if dense is not None:
         del vision.forward
         del vision.ipcv_config
+        adapter_cls(vision).release()
     return model

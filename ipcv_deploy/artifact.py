@@ -23,6 +23,7 @@ __all__ = [
     "CHECKS",
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
+    "QUANTIZE_MODES",
     "Artifact",
     "FileEntry",
     "Manifest",
@@ -37,6 +38,9 @@ MANIFEST_NAME = "manifest.json"
 FLAVOURS = ("ort", "trt")
 #: How thoroughly ``load_artifact`` checks the files: sizes, sizes + stamps, full SHA-256.
 CHECKS = ("size", "stamp", "full")
+#: ``export --quantize`` values: float weights; dynamic int8 weights for ONNX Runtime after
+#: the selection (``int8``) or everywhere (``int8-full``; see ``export/quantize.py``).
+QUANTIZE_MODES = ("none", "int8", "int8-full")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class Manifest:
         inputs / outputs: graph I/O.
         files: every file of the artifact but the manifest -> size and hash.
         producer: package versions that wrote the artifact.
+        quantization: how the weights were quantized (``export/quantize.py``), ``None`` for
+            float weights.
     """
 
     family: str
@@ -105,6 +111,7 @@ class Manifest:
     format: str = ARTIFACT_FORMAT
     manifest_version: int = MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -131,7 +138,8 @@ class Manifest:
                 f"implements version {OPSET_VERSION}; upgrade ipcv-deploy or re-export the model"
             )
         names = {f.name for f in fields(cls)}
-        missing = sorted(n for n in names - set(data) if n not in ("format", "extra"))
+        optional = ("format", "extra", "quantization")
+        missing = sorted(n for n in names - set(data) if n not in optional)
         if missing or set(data) - names:
             raise ArtifactError(
                 f"{where} is malformed (missing {missing}, unknown {sorted(set(data) - names)}); "

@@ -64,15 +64,23 @@ Exports = Callable[..., Artifact]
 def exports(tmp_path_factory) -> Exports:
     """``exports(name, dense=False, **options)``: each distinct export made once per session.
 
-    Treat the result as read-only (copy it to change it).
+    ``quantize=...`` quantizes the (cached) fp32 export with ``quantize_artifact``, the step
+    ``export --quantize`` ends with. Treat the result as read-only (copy it to change it).
     """
+    from ipcv_deploy.export.quantize import quantize_artifact
+
     made: dict[tuple, Artifact] = {}
     root = tmp_path_factory.mktemp("artifacts")
 
-    def get(name: str, dense: bool = False, **options) -> Artifact:
-        key = (name, dense, tuple(sorted(options.items())))
+    def get(name: str, dense: bool = False, quantize: str = "none", **options) -> Artifact:
+        key = (name, dense, quantize, tuple(sorted(options.items())))
         if key not in made:
-            made[key] = export_tiny(name, root / f"export-{len(made)}", dense=dense, **options)
+            fp32 = None if quantize == "none" else get(name, dense, **options)
+            out = root / f"export-{len(made)}"
+            if fp32 is None:
+                made[key] = export_tiny(name, out, dense=dense, **options)
+            else:
+                made[key] = quantize_artifact(fp32, out, quantize)
         return made[key]
 
     return get

@@ -45,6 +45,7 @@ class RowEncoder(nn.Module):
                     "--selection (global selection runs in the eager apply_ipcv path)"
                 )
             self.adapter.check_config(config, self.image_size)
+            self.adapter.prepare(config, refresh=True)
         if return_indices and config is None:
             raise ConfigError(
                 "a dense encoder keeps every token, so it has no kept indices to return; "

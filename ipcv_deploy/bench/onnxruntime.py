@@ -29,20 +29,34 @@ from ipcv_deploy.parity import compare
 
 __all__ = [
     "EXPORT_RSS_GOAL_GB",
+    "INT8_HEADERS",
+    "INT8_VARIANTS",
+    "INT8_VS_FP32_DENSE_GOAL",
+    "INT8_VS_INT8_DENSE_GOAL",
     "ORT_HEADERS",
     "ORT_OP_SHARE_GOAL",
     "ORT_SPEEDUP_GOAL",
     "export_in_subprocess",
+    "int8_table",
     "ipcv_op_share",
     "ort_latency",
     "ort_table",
 ]
 
 #: Goals: IPCV vs dense export on the first benchmark preset, the ipcv ops' share of the
-#: encoder's ONNX Runtime time, the export's peak memory.
+#: encoder's ONNX Runtime time, the export's peak memory; with --int8, int8 IPCV against
+#: int8 dense and against fp32 dense.
 ORT_SPEEDUP_GOAL = 2.2
 ORT_OP_SHARE_GOAL = 0.05
 EXPORT_RSS_GOAL_GB = 8.0
+INT8_VS_INT8_DENSE_GOAL = 2.2
+INT8_VS_FP32_DENSE_GOAL = 5.0
+#: The int8 variants of ``--int8``: name -> ``export --quantize`` mode, and dense or IPCV.
+INT8_VARIANTS = {
+    "dense_int8": ("int8", True),
+    "ipcv_int8": ("int8", False),
+    "ipcv_int8_full": ("int8-full", False),
+}
 
 _INLINED = re.compile(rf"^_inlfunc_({'|'.join(s.name for s in OP_SPECS)})_")
 
@@ -96,8 +110,12 @@ def ort_latency(
     runs: int = 5,
     threads: int | None = None,
     seed: int = 0,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Export dense and IPCV, then time both on ONNX Runtime and the dense tower in PyTorch.
+
+    With ``int8`` also the dynamic-int8 exports of ``INT8_VARIANTS``, timed in the same run
+    and verified against the fp32 PyTorch reference.
 
     Returns:
         JSON-ready medians (ms), speed-ups, the FLOP ratio, ``ipcv`` op share of ORT time,
@@ -115,8 +133,12 @@ def ort_latency(
         "--num-neighbors",
         str(config.num_neighbors),
     ]
+    specs = {"dense": ["--dense"], "ipcv": ipcv_args}
+    if int8:
+        for variant, (mode, dense) in INT8_VARIANTS.items():
+            specs[variant] = [*(["--dense"] if dense else ipcv_args), "--quantize", mode]
     exports, artifacts = {}, {}
-    for variant, extra in (("dense", ["--dense"]), ("ipcv", ipcv_args)):
+    for variant, extra in specs.items():
         out = workdir / f"{Path(model).name}-{variant}"
         progress(f"{model}: exporting {variant} to {out} ...")
         exports[variant] = export_in_subprocess([*common, *extra], out)
@@ -127,8 +149,7 @@ def ort_latency(
     medians, all_runs, outputs = {}, {}, {}
     variants = {
         "torch_dense": torch_dense,
-        "ort_dense": OrtBackend(artifacts["dense"], threads=threads),
-        "ort_ipcv": OrtBackend(artifacts["ipcv"], threads=threads),
+        **{f"ort_{v}": OrtBackend(artifacts[v], threads=threads) for v in artifacts},
     }
     for name, backend in variants.items():
         progress(f"{model}: {name} x{runs}")
@@ -142,7 +163,7 @@ def ort_latency(
     flop_ratio = flops["dense"] / flops["exported"]
     speedup = medians["ort_dense"] / medians["ort_ipcv"]
     manifest = artifacts["ipcv"].manifest
-    return {
+    report = {
         "model": model,
         "image_size": list(image_size),
         "tokens": [manifest.tokens_per_image, manifest.kept_per_image],
@@ -165,6 +186,85 @@ def ort_latency(
             "ort_ipcv_vs_ort_dense": compare(outputs["ort_dense"], outputs["ort_ipcv"]).to_dict(),
         },
     }
+    if int8:
+        report["int8"] = _int8_summary(artifacts, medians, flop_ratio, threads)
+    return report
+
+
+def _int8_summary(
+    artifacts: dict[str, Artifact],
+    medians: dict[str, float],
+    flop_ratio: float,
+    threads: int | None,
+) -> dict[str, Any]:
+    """Speed-ups of the int8 variants and their parity with the fp32 PyTorch reference."""
+    from ipcv_deploy.backends.verify import verify_artifact
+
+    summary: dict[str, Any] = {"flop_ratio": flop_ratio, "variants": {}}
+    for variant in ("dense_int8", "ipcv_int8", "ipcv_int8_full"):
+        progress(f"verifying {variant} against the fp32 PyTorch reference ...")
+        report = verify_artifact(artifacts[variant], batch=1, threads=threads)
+        indices = {c.name: c.mismatched for c in report.ops if c.kind == "index"}
+        summary["variants"][variant] = {
+            "mode": artifacts[variant].manifest.quantization["mode"],
+            "ms": medians[f"ort_{variant}"] * 1e3,
+            "vs_int8_dense": medians["ort_dense_int8"] / medians[f"ort_{variant}"],
+            "vs_fp32_dense": medians["ort_dense"] / medians[f"ort_{variant}"],
+            "output_min_cosine": report.outputs[0].cosine,
+            "output_max_rel": report.outputs[0].max_rel,
+            "indices_differing": indices,
+            "verify_passed": report.passed,
+        }
+    return summary
+
+
+INT8_HEADERS = [
+    "model",
+    "variant",
+    "ms",
+    "vs int8 dense",
+    "vs fp32 dense",
+    "cos vs fp32 torch",
+    "kept differ",
+    "nbr sets differ",
+]
+
+
+def int8_table(reports: list[dict[str, Any]]) -> list[list[str]]:
+    """Rows of ``INT8_HEADERS``: fp32 dense, int8 dense, fp32 IPCV and the int8 IPCVs."""
+    rows = []
+    for r in reports:
+        ms, int8 = r["latency_ms"], r["int8"]["variants"]
+        for label, fp32 in (("fp32 dense", "ort_dense"), ("fp32 IPCV", "ort_ipcv")):
+            rows.append(
+                [
+                    r["model"],
+                    label,
+                    f"{ms[fp32]:.0f}",
+                    f"{ms['ort_dense_int8'] / ms[fp32]:.2f}x",
+                    f"{ms['ort_dense'] / ms[fp32]:.2f}x",
+                    "1 (reference)" if fp32 == "ort_dense" else "-",
+                    "-",
+                    "-",
+                ]
+            )
+        for name, v in int8.items():
+            differ = v["indices_differing"]
+            kept = next((n for k, n in differ.items() if k.endswith(":keep_idx")), None)
+            nbr = next((n for k, n in differ.items() if k.endswith(":nbr")), None)
+            rows.append(
+                [
+                    r["model"],
+                    f"{'dense' if name.startswith('dense') else 'IPCV'} {v['mode']}",
+                    f"{v['ms']:.0f}",
+                    f"{v['vs_int8_dense']:.2f}x",
+                    f"{v['vs_fp32_dense']:.2f}x",
+                    f"{v['output_min_cosine']:.4f}",
+                    "-" if kept is None else f"{kept} of {r['tokens'][1]}",
+                    "-" if nbr is None else f"{nbr} of {r['tokens'][0] - r['tokens'][1]}",
+                ]
+            )
+    return rows
 
 
 ORT_HEADERS = [

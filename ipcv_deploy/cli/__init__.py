@@ -17,7 +17,17 @@ __all__ = ["main"]
 
 
 def _commands() -> dict[str, ModuleType]:
-    from ipcv_deploy.cli import bench, build, demo, evaluate, export, inspect, run, verify
+    from ipcv_deploy.cli import (
+        bench,
+        build,
+        demo,
+        evaluate,
+        export,
+        inspect,
+        run,
+        serve,
+        verify,
+    )
 
     return {
         "demo": demo,
@@ -28,6 +38,7 @@ def _commands() -> dict[str, ModuleType]:
         "bench": bench,
         "run": run,
         "eval": evaluate,
+        "serve": serve,
     }
 
 

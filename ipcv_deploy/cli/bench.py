@@ -6,8 +6,10 @@
 Runtime CPU next to PyTorch eager dense, with the ipcv ops' share of ORT time (profiler).
 Prints a table (or one JSON document with --json) and writes the JSON to --out.
 Default models: the full-size Qwen2-VL-7B ViT and InternViT-300M with random weights.
+--ort --int8 adds the dynamic-int8 exports (int8 dense, int8 IPCV, int8-full IPCV).
 --runtime times whole answers (vision + LLM) on Qwen2-VL-2B shapes: time to first token and
 decode tokens/s for dense, IPCV, DART, IPCV + DART and TokenCarve.
+--serve loads `ipcv-export serve` on loopback (dense vs IPCV + DART): requests/s, TTFT.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from ipcv_deploy.bench.flops import FLOPS_HEADERS, flops_report, flops_table
 from ipcv_deploy.bench.latency import LATENCY_GOAL, LATENCY_HEADERS, latency_table, torch_latency
 from ipcv_deploy.bench.onnxruntime import (
     EXPORT_RSS_GOAL_GB,
+    INT8_HEADERS,
+    INT8_VS_FP32_DENSE_GOAL,
+    INT8_VS_INT8_DENSE_GOAL,
     ORT_HEADERS,
     ORT_OP_SHARE_GOAL,
     ORT_SPEEDUP_GOAL,
+    int8_table,
     ort_latency,
     ort_table,
 )
@@ -34,12 +40,14 @@ from ipcv_deploy.cli.options import (
     ipcv_config,
     parse_image_size,
     print_json,
+    require_at_least,
 )
 from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.fileio import write_json
 from ipcv_deploy.models import (
     BENCHMARK_PRESETS,
     RUNTIME_BENCHMARK_PRESET,
+    SERVE_BENCHMARK_PRESET,
     load_model,
     parse_dtype,
 )
@@ -55,12 +63,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ort", action="store_true", help="export, then ONNX Runtime latency, dense vs IPCV"
     )
     parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --ort: also the dynamic-int8 exports (int8 dense, int8 IPCV, int8-full IPCV)",
+    )
+    parser.add_argument(
         "--runtime",
         action="store_true",
         help=f"TTFT and decode speed of whole answers (default model {RUNTIME_BENCHMARK_PRESET})",
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=16, help="tokens decoded per answer (--runtime)"
+        "--serve",
+        action="store_true",
+        help="load the OpenAI-compatible server on loopback: req/s and TTFT, dense vs "
+        "IPCV + DART (default model tiny-qwen2-vl)",
+    )
+    parser.add_argument("--requests", type=int, default=50, help="requests per load (--serve)")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[4, 16], help="in flight (--serve)"
+    )
+    parser.add_argument("--max-batch", type=int, default=8, help="server batch size (--serve)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=16,
+        help="tokens decoded per answer (--runtime, --serve)",
     )
     parser.add_argument(
         "--llm-keep", type=float, default=0.35, help="LLM-side pruning keep ratio (--runtime)"
@@ -98,10 +125,15 @@ def run(args: argparse.Namespace) -> int:
         return _run_kernels(args)
     if args.runtime:
         return _run_runtime(args)
+    if args.serve:
+        return _run_serve(args)
     if not (args.flops or args.latency or args.ort):
         raise ConfigError(
-            "pick at least one benchmark: --flops, --latency, --ort, --runtime or --kernels"
+            "pick at least one benchmark: --flops, --latency, --ort, --runtime, --serve or "
+            "--kernels"
         )
+    if args.int8 and not args.ort:
+        raise ConfigError("--int8 adds rows to the ONNX Runtime benchmark: pass --ort too")
     if args.batch < 1 or args.runs < 1:
         raise ConfigError(f"--batch and --runs must be >= 1, got {args.batch} and {args.runs}")
     names = args.models or ([args.model] if args.model else list(BENCHMARK_PRESETS))
@@ -123,10 +155,17 @@ def run(args: argparse.Namespace) -> int:
             del loaded
             results["ort"].append(
                 ort_latency(
-                    name, config, image_size, args.workdir, args.runs, args.threads, args.seed
+                    name,
+                    config,
+                    image_size,
+                    args.workdir,
+                    args.runs,
+                    args.threads,
+                    args.seed,
+                    int8=args.int8,
                 )
             )
-    kind = "_".join(k for k in ("flops", "latency", "ort") if getattr(args, k))
+    kind = "_".join(k for k in ("flops", "latency", "ort", "int8") if getattr(args, k))
     out = args.out or Path("engines") / "bench" / f"{kind}.json"
     write_json(out, results)
     if args.json:
@@ -164,6 +203,14 @@ def _print_ort(results: dict[str, Any], runs: int) -> None:
         f"{BENCHMARK_PRESETS[0]}, ipcv ops <= {ORT_OP_SHARE_GOAL:.0%} of encoder time, "
         f"export RSS <= {EXPORT_RSS_GOAL_GB:.0f} GB)"
     )
+    if "int8" in results["ort"][0]:
+        print("\nint8 (dynamic: int8 weights per channel, activations per call), same run")
+        print(format_table(INT8_HEADERS, int8_table(results["ort"])))
+        print(
+            f"(goals: int8 IPCV >= {INT8_VS_INT8_DENSE_GOAL}x int8 dense and >= "
+            f"{INT8_VS_FP32_DENSE_GOAL:g}x fp32 dense; int8 keeps the blocks before K fp32, "
+            "int8-full quantizes them too)"
+        )
 
 
 def _run_kernels(args: argparse.Namespace) -> int:
@@ -213,5 +260,36 @@ def _run_runtime(args: argparse.Namespace) -> int:
         f"{r['new_tokens']} new tokens"
     )
     print(format_table(RUNTIME_HEADERS, runtime_table(r)))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from ipcv_deploy.bench.report import progress
+    from ipcv_deploy.bench.serving import SERVING_HEADERS, serving_benchmark, serving_table
+
+    require_at_least("--requests", args.requests, 1)
+    require_at_least("--max-batch", args.max_batch, 1)
+    require_at_least("--max-new-tokens", args.max_new_tokens, 1)
+    for concurrency in args.concurrency:
+        require_at_least("--concurrency", concurrency, 1)
+    name = args.model or SERVE_BENCHMARK_PRESET
+    report = {
+        "machine": machine_info(),
+        "serve": serving_benchmark(
+            name, args.requests, args.concurrency, args.max_new_tokens, args.max_batch, progress
+        ),
+    }
+    out = args.out or Path("engines") / "bench" / "serve.json"
+    write_json(out, report)
+    if args.json:
+        print_json(report)
+        return 0
+    m = report["machine"]
+    print(
+        f"OpenAI-compatible server on loopback, {m['cpu']}, {m['torch_threads']} threads; "
+        f"streamed, greedy, {args.max_new_tokens} new tokens, server batch {args.max_batch}"
+    )
+    print(format_table(SERVING_HEADERS, serving_table(report["serve"])))
     print(f"\nwrote {out}")
     return 0

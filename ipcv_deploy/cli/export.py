@@ -8,10 +8,14 @@ and manifest.json, atomically. Static image size, dynamic batch.
 from __future__ import annotations
 
 import argparse
+import gc
+import os
+import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ipcv_deploy.artifact import MANIFEST_NAME
+from ipcv_deploy.artifact import MANIFEST_NAME, QUANTIZE_MODES, Artifact
 from ipcv_deploy.bench.report import peak_rss_gb, progress
 from ipcv_deploy.cli.options import (
     add_ipcv_args,
@@ -23,7 +27,10 @@ from ipcv_deploy.cli.options import (
 )
 from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.fileio import check_replaceable
-from ipcv_deploy.models import load_model, parse_dtype
+from ipcv_deploy.models import LoadedModel, load_model, parse_dtype
+
+if TYPE_CHECKING:  # the export package imports onnx: only when a command runs
+    from ipcv_deploy.export import ExportOptions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,9 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         choices=["ort", "trt", "all"],
-        default="all",
         help="ort: function bodies for any ONNX runtime; trt: TensorRT plugin nodes; "
-        "all: both, sharing one weights file (default)",
+        "all: both, sharing one weights file (default; ort with --quantize int8)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default="none",
+        help="dynamic int8 weights for ONNX Runtime CPU (ipcv ops stay fp32): int8 keeps the "
+        "blocks before the selection fp32 (same kept tokens as fp32), int8-full quantizes "
+        "them too (faster, kept tokens may differ)",
     )
     parser.add_argument(
         "--return-indices", action="store_true", help="also output the kept indices [B, P]"
@@ -53,6 +67,23 @@ def default_out(model: str, dense: bool) -> Path:
     return Path("engines") / f"{Path(model).name}-{'dense' if dense else 'ipcv'}"
 
 
+def _export_quantized(
+    loaded: LoadedModel, options: ExportOptions, out: Path, mode: str, force: bool
+) -> Artifact:
+    """The fp32 export in a hidden sibling, the model freed, then its int8 quantization."""
+    from ipcv_deploy.export import export_encoder
+    from ipcv_deploy.export.quantize import quantize_artifact
+
+    fp32 = out.parent / f".{out.name}.fp32-{os.getpid()}"
+    try:
+        artifact = export_encoder(loaded, options, fp32, progress=progress)
+        loaded.model = loaded.vision = None  # the quantizer needs the memory
+        gc.collect()
+        return quantize_artifact(artifact, out, mode, force, progress)
+    finally:
+        shutil.rmtree(fp32, ignore_errors=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, export, print what was written."""
     from ipcv_deploy.export import ExportOptions, export_encoder
@@ -60,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = args.out or default_out(args.model, args.dense)
     check_replaceable(out, args.force, MANIFEST_NAME)  # before minutes of work
+    if args.quantize != "none" and args.target not in (None, "ort"):
+        raise ConfigError(
+            f"--quantize {args.quantize} is for ONNX Runtime (CPU); TensorRT builds its own "
+            "reduced precision (build --precision): pass --target ort or leave --target out"
+        )
     if args.dense and args.return_indices:
         raise ConfigError(
             "--return-indices outputs the kept indices, which a --dense export does not have; "
@@ -69,8 +105,13 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, parse_dtype(args.dtype), args.seed)
     image_size = parse_image_size(args.image_size) if args.image_size else loaded.image_size
     config = None if args.dense else ipcv_config(args, loaded.adapter)
-    options = ExportOptions(image_size, config, args.target, args.return_indices, args.force)
-    artifact = export_encoder(loaded, options, out, progress=progress)
+    if args.quantize == "none":
+        target = args.target or "all"
+        options = ExportOptions(image_size, config, target, args.return_indices, args.force)
+        artifact = export_encoder(loaded, options, out, progress=progress)
+    else:
+        options = ExportOptions(image_size, config, "ort", args.return_indices, force=True)
+        artifact = _export_quantized(loaded, options, out, args.quantize, args.force)
     elapsed = time.perf_counter() - started
     if args.json:
         summary = {"artifact": str(out), "elapsed_s": elapsed, "peak_rss_gb": peak_rss_gb()}
@@ -83,6 +124,13 @@ def run(args: argparse.Namespace) -> int:
         f"tokens per image, {m.flops_per_image['exported'] / m.flops_per_image['dense']:.1%} "
         "of dense FLOPs"
     )
+    if m.quantization:
+        q = m.quantization
+        print(
+            f"  {q['mode']}: {q['int8_matmuls']} weight MatMuls int8 ({q['weights']}), "
+            f"{q['fp32_matmuls']} fp32"
+            + (f" ({q['fp32_reason']})" if q["fp32_reason"] else "")
+        )
     for flavour, name in m.flavours.items():
         print(f"  {flavour}: {name}")
     print(f"next: ipcv-export verify {out}")

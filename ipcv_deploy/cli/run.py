@@ -48,7 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """Vision backend, LLM-side pruning and decoding options (shared with ``eval``)."""
+    """Pipeline and decoding options (shared with ``eval``)."""
+    add_pipeline_args(parser)
+    group = parser.add_argument_group("decoding")
+    group.add_argument("--max-new-tokens", type=int, default=32)
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-p", type=float, default=1.0)
+
+
+def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
+    """Vision backend and LLM-side pruning options (shared with ``eval`` and ``serve``)."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--vision-backend", choices=VISION_BACKENDS, default="torch")
     group.add_argument(
@@ -71,9 +80,6 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--llm-layer", type=int, help="LLM layer it prunes before (default: the method's)"
     )
-    group.add_argument("--max-new-tokens", type=int, default=32)
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    group.add_argument("--top-p", type=float, default=1.0)
 
 
 def build_pipeline(args: argparse.Namespace) -> VLMPipeline:

@@ -53,9 +53,17 @@ def run(args: argparse.Namespace) -> int:
         print_json(report.to_dict())
         return 0 if report.passed else 1
     m = artifact.manifest
+    tolerance = f"rtol {report.rtol:g}, identical indices"
+    if report.limits:
+        mode = m.quantization["mode"]
+        tolerance = f"{mode} weights: row cosine >= {report.limits['min_cosine']:g}, " + (
+            "indices identical (the selection runs in fp32)"
+            if report.limits["index_mismatch"] == 0
+            else "indices reported, not required (int8 scoring cannot promise identical indices)"
+        )
     print(
         f"verify {args.artifact}: {m.family}, {report.reference} vs {report.candidate}, "
-        f"batch {report.batch}, seed {report.seed}, rtol {report.rtol:g}"
+        f"batch {report.batch}, seed {report.seed}; {tolerance}"
     )
     rows = [
         [

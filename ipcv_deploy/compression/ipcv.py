@@ -264,6 +264,7 @@ def ipcv_encode_embedded(
 ) -> IPCVResult:
     """IPCV from the patch embeddings on: blocks, select at K, NGR, AS, pruned blocks, head."""
     config.check_depth(adapter.depth)
+    adapter.prepare(config)
     everything = TokenSet(enc.segments)
     x = enc.tokens
     for index in range(config.prune_layer - 1):

@@ -57,6 +57,13 @@ class EncoderAdapter(Protocol):
         """Number of transformer blocks."""
         ...
 
+    def prepare(self, config: Any, refresh: bool = False) -> None:
+        """Precompute what the blocks of ``config`` need from the weights.
+
+        Kept until the adapter's ``release``; ``refresh`` recomputes what exists.
+        """
+        ...
+
     def embed(self, *args: Any, **kwargs: Any) -> EncodedInput:
         """Patch-embed the inputs of the dense ``forward`` (same arguments)."""
         ...

@@ -130,6 +130,15 @@ class FamilyAdapter:
         """Final norm / merger; returns the dense ``forward``'s output type."""
         raise NotImplementedError
 
+    def prepare(self, config: IPCVConfig, refresh: bool = False) -> None:
+        """Precompute what the blocks of ``config`` need from the weights, before tracing.
+
+        Kept until ``release``; ``refresh`` recomputes what exists.
+        """
+
+    def release(self) -> None:
+        """Drop what ``prepare`` made."""
+
     def check_config(self, config: IPCVConfig, image_size: ImageSize) -> int:
         """Check that ``config`` fits this encoder at ``image_size``; returns kept per image.
 

@@ -35,6 +35,7 @@ __all__ = [
     "DTYPES",
     "PRESETS",
     "RUNTIME_BENCHMARK_PRESET",
+    "SERVE_BENCHMARK_PRESET",
     "LoadedModel",
     "ModelPreset",
     "load_model",
@@ -227,6 +228,8 @@ DEFAULT_PRESET = "small-qwen2-vl"
 BENCHMARK_PRESETS = ("qwen2-vl-7b-vit", "internvit-300m")
 #: The full model ``bench --runtime`` measures (vision + LLM) when no model is named.
 RUNTIME_BENCHMARK_PRESET = "qwen2-vl-2b"
+#: The model ``bench --serve`` serves when no model is named.
+SERVE_BENCHMARK_PRESET = "tiny-qwen2-vl"
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -30,6 +30,9 @@ from ipcv_deploy.models.base import (
 
 __all__ = ["MAX_PATCHES", "Qwen2VLAdapter"]
 
+#: Buffers ``Qwen2VLAdapter.prepare`` adds to an AS block's attention: q and k/v, split.
+_SPLIT = ("ipcv_q_weight", "ipcv_q_bias", "ipcv_kv_weight", "ipcv_kv_bias")
+
 #: Patches of the largest image the Qwen2-VL processor makes (its default max_pixels 12845056
 #: at 14 px patches); bigger static sizes are refused up front.
 MAX_PATCHES = 65536
@@ -201,15 +204,46 @@ class Qwen2VLAdapter(FamilyAdapter):
         assert kept.index is not None
         blk = self.vision.blocks[index]
         rope: _Rope = enc.context
-        width, heads, idx = full.shape[-1], blk.attn.num_heads, kept.index
-        weight, bias = blk.attn.qkv.weight, blk.attn.qkv.bias
+        attn, idx = blk.attn, kept.index
         h = blk.norm1(full)
-        q = F.linear(gather_tokens(h, idx), weight[:width], bias[:width]).unflatten(-1, (heads, -1))
-        k, v = F.linear(h, weight[width:], bias[width:]).unflatten(-1, (2, heads, -1)).unbind(2)
+        q = F.linear(gather_tokens(h, idx), attn.ipcv_q_weight, attn.ipcv_q_bias)
+        q = q.unflatten(-1, (attn.num_heads, -1))
+        kv = F.linear(h, attn.ipcv_kv_weight, attn.ipcv_kv_bias)
+        k, v = kv.unflatten(-1, (2, attn.num_heads, -1)).unbind(2)
         q, k = _rotate(q, *rope.of(idx)), _rotate(k, rope.cos, rope.sin)
         out = self._attend(index, q, k, v, enc, kept, TokenSet(enc.segments))
         x = gather_tokens(full, idx) + blk.attn.proj(out.flatten(2))
         return x + blk.mlp(blk.norm2(x))
+
+    def prepare(self, config: IPCVConfig, refresh: bool = False) -> None:
+        """Split the fused qkv of every AS block into q and k/v copies (buffers on the block).
+
+        With them an export holds plain weight initializers for both projections, no
+        run-time Slice of a fused weight, so quantizers and TensorRT see ordinary weight
+        MatMuls. The copies are non-persistent buffers (never saved; they follow ``.to()``),
+        made when IPCV is applied (``refresh``); ``release`` drops them.
+        """
+        for index in range(config.prune_layer, min(config.as_end, self.depth)):
+            attn = self.vision.blocks[index].attn
+            if not refresh and hasattr(attn, _SPLIT[0]):
+                continue
+            width = attn.qkv.weight.shape[1]
+            with torch.no_grad():
+                parts = (
+                    attn.qkv.weight[:width],
+                    attn.qkv.bias[:width],
+                    attn.qkv.weight[width:],
+                    attn.qkv.bias[width:],
+                )
+                for name, part in zip(_SPLIT, parts, strict=True):
+                    attn.register_buffer(name, part.clone(), persistent=False)
+
+    def release(self) -> None:
+        """Drop the buffers ``prepare`` made."""
+        for block in self.vision.blocks:
+            for name in _SPLIT:
+                if hasattr(block.attn, name):
+                    delattr(block.attn, name)
 
     def _attend(
         self,

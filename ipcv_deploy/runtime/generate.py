@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +32,10 @@ __all__ = [
     "kv_cache_bytes",
 ]
 
-#: Called after every decoding step with the step index and the new token of every sample.
-TokenCallback = Callable[[int, torch.Tensor], None]
+#: Called after every decoding step with the step index and the new token of every sample
+#: (the pad id for a sample already done). It may return, per sample, whether to stop that
+#: sample now (a stop string matched, a client went away); ``None`` changes nothing.
+TokenCallback = Callable[[int, torch.Tensor], Sequence[bool] | None]
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,16 @@ def _choose(logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator
     return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
 
 
+def _callback(
+    on_token: TokenCallback | None, step: int, token: torch.Tensor, done: torch.Tensor
+) -> torch.Tensor:
+    """Call ``on_token``; returns ``done`` with the samples it asked to stop."""
+    stop = None if on_token is None else on_token(step, token)
+    if stop is None:
+        return done
+    return done | torch.as_tensor(list(stop), dtype=torch.bool, device=done.device)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -218,8 +230,7 @@ def generate(
     tokens = [token]
     done = torch.isin(token, torch.tensor(eos, dtype=token.dtype))
     lengths = [1] * batch
-    if on_token is not None:
-        on_token(0, token)
+    done = _callback(on_token, 0, token, done)
     last_position = inputs.position_ids[..., -1:]
     start = time.perf_counter()
     for step in range(1, sampling.max_new_tokens):
@@ -242,8 +253,7 @@ def generate(
             lengths[b] += int(not done[b])
         done |= torch.isin(token, torch.tensor(eos, dtype=token.dtype))
         tokens.append(token)
-        if on_token is not None:
-            on_token(step, token)
+        done = _callback(on_token, step, token, done)
     decode_s = time.perf_counter() - start
     return Generation(
         tokens=torch.stack(tokens, dim=1),

@@ -178,17 +178,49 @@ class VLMPipeline:
                 f"the prompt contains the image placeholder {self.placeholder!r}; the chat "
                 "template adds it: remove it, or pass --raw-prompt to use the prompt as is"
             )
+        return self.chat_prompt(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        )
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """A conversation through the chat template, ready for the assistant's turn.
+
+        Args:
+            messages: ``{"role", "content"}`` with ``content`` a string or parts
+                ``{"type": "text", "text": ...}`` / ``{"type": "image"}``.
+
+        Raises:
+            InputError: the processor has no chat template.
+        """
         if not getattr(self.processor, "chat_template", None):
             raise InputError(
                 f"{self.loaded.name}'s processor has no chat template; pass --raw-prompt with a "
                 f"prompt that contains {self.placeholder!r}"
             )
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
-        ]
         return self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
+
+    def prompt_length(self, image: ImageInput, prompt: str) -> int:
+        """Tokens of one raw prompt (image placeholder expanded) as the LLM will see it.
+
+        Raises:
+            InputError: the image does not load, or the processor refuses the prompt.
+        """
+        return int(self._process([image], [prompt], raw_prompt=True)["input_ids"].shape[1])
+
+    def _process(
+        self, images: Sequence[ImageInput], prompts: Sequence[str], raw_prompt: bool
+    ) -> Any:
+        height, width = self.vision.image_size
+        pil = [load_image(i).resize((width, height), Image.Resampling.BICUBIC) for i in images]
+        texts = [self.format_prompt(p, raw_prompt) for p in prompts]
+        try:
+            return self.processor(text=texts, images=pil, return_tensors="pt", padding=True)
+        except ValueError as err:
+            raise InputError(
+                f"the processor refused the prompt: {str(err).splitlines()[0]}"
+            ) from None
 
     def prepare(
         self, images: Sequence[ImageInput], prompts: Sequence[str], raw_prompt: bool = False
@@ -199,19 +231,11 @@ class VLMPipeline:
                 f"one image per prompt: got {len(images)} images and {len(prompts)} prompts"
             )
         start = time.perf_counter()
-        height, width = self.vision.image_size
-        pil = [load_image(i).resize((width, height), Image.Resampling.BICUBIC) for i in images]
-        texts = [self.format_prompt(p, raw_prompt) for p in prompts]
-        try:
-            batch = self.processor(text=texts, images=pil, return_tensors="pt", padding=True)
-        except ValueError as err:
-            raise InputError(
-                f"the processor refused the prompt: {str(err).splitlines()[0]}"
-            ) from None
+        batch = self._process(images, prompts, raw_prompt)
         timings = {"preprocess_s": time.perf_counter() - start}
 
         start = time.perf_counter()
-        rows = image_rows(self.model_type, batch["pixel_values"], len(pil))
+        rows = image_rows(self.model_type, batch["pixel_values"], len(images))
         embeds = self.vision.backend(rows)["image_embeds"]
         timings["vision_s"] = time.perf_counter() - start
 
@@ -273,6 +297,7 @@ class VLMPipeline:
             "new_tokens": new_tokens,
             "decode_tokens_per_s": (new_tokens - batch) / gen.decode_s if gen.decode_s else None,
             "batch": batch,
+            "prompt_tokens_per_sample": inputs.attention_mask.sum(1).tolist(),
             "visual_tokens": {
                 "vit_input": self.vision.tokens_per_image,
                 "vit_kept": self.vision.kept_per_image,

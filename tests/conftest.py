@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# The Triton kernels run on CPU tensors through Triton's interpreter unless
+# TRITON_INTERPRET=0 (then on CUDA). triton reads the variable when it decorates a kernel, its
+# own library included, so it is set before anything imports triton (torch._dynamo, which
+# transformers imports, does).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path

@@ -18,5 +18,8 @@ class VisionBackend(Protocol):
     output_names: tuple[str, ...]
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run on [B, ...] pixels; returns every output by name, on the CPU."""
+        """Run on [B, ...] pixels (any device); every output by name, on the backend's device.
+
+        torch: the tower's device; ONNX Runtime: the CPU; TensorRT: the CUDA device.
+        """
         ...

@@ -89,7 +89,10 @@ class RowEncoder(nn.Module):
 
 
 class TorchBackend:
-    """``RowEncoder`` behind the ``VisionBackend`` interface (no autograd)."""
+    """``RowEncoder`` behind the ``VisionBackend`` interface (no autograd).
+
+    Pixels are moved to the tower's device and dtype; outputs stay on that device.
+    """
 
     name = "torch"
 
@@ -99,6 +102,7 @@ class TorchBackend:
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run the encoder; outputs by name."""
+        weight = next(self.encoder.vision.parameters())
         with torch.no_grad():
-            outputs = self.encoder(pixels)
+            outputs = self.encoder(pixels.to(weight.device, weight.dtype))
         return dict(zip(self.output_names, outputs, strict=True))

@@ -116,9 +116,7 @@ def _check(
         return Check(name, "index", tuple(ref.shape), 0.0, 0.0, 1.0, bad, bad <= allowed)
     a = compare(ref, got)
     passed = a.max_rel <= rtol if limits is None else a.min_cosine >= limits["min_cosine"]
-    return Check(
-        name, "float", tuple(ref.shape), a.max_abs, a.max_rel, a.min_cosine, 0, passed
-    )
+    return Check(name, "float", tuple(ref.shape), a.max_abs, a.max_rel, a.min_cosine, 0, passed)
 
 
 class _IpcvRecorder(TorchDispatchMode):
@@ -212,7 +210,7 @@ def verify_artifact(
         from ipcv_deploy.trt.runner import TrtBackend
 
         report = ParityReport(str(artifact.path), "torch", "tensorrt", batch, seed, rtol)
-        got = TrtBackend(engine_dir)(pixels)
+        got = TrtBackend(engine_dir, to_host=True)(pixels)
         for name in encoder.output_names:
             report.outputs.append(_check(name, expected[name], got[name], rtol, sets=False))
         return report

@@ -10,7 +10,7 @@ from ipcv_deploy.api import apply_ipcv, remove_ipcv
 from ipcv_deploy.bench.flops import flops_report
 from ipcv_deploy.bench.report import median_seconds, progress
 from ipcv_deploy.config import IPCVConfig
-from ipcv_deploy.models import ImageSize, LoadedModel
+from ipcv_deploy.models import ImageSize, LoadedModel, synchronize
 from ipcv_deploy.parity import compare
 
 __all__ = ["LATENCY_GOAL", "LATENCY_HEADERS", "latency_table", "torch_latency"]
@@ -30,6 +30,9 @@ def torch_latency(
 ) -> dict[str, Any]:
     """Median eager latency of the dense and the IPCV tower on the same seeded inputs.
 
+    Runs where the tower is (``loaded`` placed by ``load_model(..., device=)``); on CUDA each
+    timed call waits for the GPU.
+
     Returns:
         A JSON-ready dict: medians and all run times (ms), speed-up, FLOP ratio, the speed-up
         as a share of the FLOP ratio, and dense-vs-IPCV agreement of the output features.
@@ -37,6 +40,13 @@ def torch_latency(
     adapter = loaded.adapter(loaded.vision)
     args, kwargs = adapter.example_inputs(image_size, batch, torch.Generator().manual_seed(seed))
     vision = loaded.vision
+    device = adapter.device
+
+    def call() -> Any:
+        out = vision(*args, **kwargs)
+        synchronize(device)
+        return out
+
     remove_ipcv(vision)
     outputs = {}
     times: dict[str, list[float]] = {}
@@ -48,10 +58,8 @@ def torch_latency(
             progress(
                 f"{loaded.name}: {variant} x{runs} (batch {batch}, {image_size[0]}x{image_size[1]})"
             )
-            medians[variant], times[variant] = median_seconds(
-                lambda: vision(*args, **kwargs), runs, warmup, label=variant
-            )
-            outputs[variant] = adapter.features(vision(*args, **kwargs))
+            medians[variant], times[variant] = median_seconds(call, runs, warmup, label=variant)
+            outputs[variant] = adapter.features(call())
     remove_ipcv(vision)
     flops = flops_report(adapter, image_size, config)
     flop_ratio = 1.0 / flops["share_of_dense"]["ipcv"]["total"]
@@ -59,6 +67,7 @@ def torch_latency(
     return {
         "model": loaded.name,
         "dtype": str(adapter.dtype).removeprefix("torch."),
+        "device": str(device),
         "image_size": list(image_size),
         "batch": batch,
         "runs": runs,

@@ -34,6 +34,7 @@ from ipcv_deploy.bench.onnxruntime import (
 )
 from ipcv_deploy.bench.report import format_table, machine_info
 from ipcv_deploy.cli.options import (
+    add_device_args,
     add_ipcv_args,
     add_model_args,
     add_output_args,
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--serve",
         action="store_true",
         help="load the OpenAI-compatible server on loopback: req/s and TTFT, dense vs "
-        "IPCV + DART (default model tiny-qwen2-vl)",
+        f"IPCV + DART (default model {SERVE_BENCHMARK_PRESET})",
     )
     parser.add_argument("--requests", type=int, default=50, help="requests per load (--serve)")
     parser.add_argument(
@@ -96,9 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernels",
         action="store_true",
-        help="ipcv CUDA kernels vs the PyTorch ops (needs a GPU; nvcc unless --kernel-lib)",
+        help="roofline of the ipcv kernels (bytes, FLOPs, floor per GPU); on a CUDA GPU also "
+        "the Triton kernels' and PyTorch ops' measured times",
     )
-    parser.add_argument("--kernel-lib", type=Path, help="prebuilt libipcv_kernels.so (--kernels)")
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -106,6 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where --ort writes its artifacts (default engines/bench)",
     )
     add_model_args(parser, default=None)
+    add_device_args(parser)
     parser.set_defaults(model=None)
     parser.add_argument(
         "--models",
@@ -139,9 +141,14 @@ def run(args: argparse.Namespace) -> int:
     names = args.models or ([args.model] if args.model else list(BENCHMARK_PRESETS))
     results: dict[str, Any] = {"machine": machine_info(), "flops": [], "latency": [], "ort": []}
     for name in names:
-        loaded = load_model(name, parse_dtype(args.dtype), args.seed, weights=args.latency)
-        if args.ort and args.dtype != "float32":
-            raise ConfigError("--ort measures float32 exports (the CPU target); drop --dtype")
+        if args.ort and (args.dtype != "float32" or args.device != "cpu"):
+            raise ConfigError(
+                "--ort measures float32 exports on ONNX Runtime's CPU provider; drop --dtype "
+                "and --device"
+            )
+        loaded = load_model(
+            name, parse_dtype(args.dtype), args.seed, weights=args.latency, device=args.device
+        )
         adapter = loaded.adapter(loaded.vision)
         image_size = parse_image_size(args.image_size) if args.image_size else loaded.image_size
         config = ipcv_config(args, loaded.adapter)
@@ -215,19 +222,16 @@ def _print_ort(results: dict[str, Any], runs: int) -> None:
 
 def _run_kernels(args: argparse.Namespace) -> int:
     from ipcv_deploy.bench.kernels import KERNEL_HEADERS, kernel_report, kernel_table
-    from ipcv_deploy.trt.kernels import build_kernel_library
 
-    library = args.kernel_lib or build_kernel_library(args.workdir / "kernels")
-    report = {"machine": machine_info(), "kernels": kernel_report(library, runs=max(args.runs, 5))}
+    report = {"machine": machine_info(), "kernels": kernel_report(runs=max(args.runs, 5))}
     out = args.out or Path("engines") / "bench" / "kernels.json"
     write_json(out, report)
     if args.json:
         print_json(report)
         return 0
     k = report["kernels"]
-    print(
-        f"ipcv CUDA kernels on {k['gpu']}, {k['dtype']}, copy bandwidth {k['copy_gbps']:.0f} GB/s"
-    )
+    where = f"measured on {k['gpu']}" if k["gpu"] else "no CUDA GPU here: floors only"
+    print(f"ipcv kernels at {k['model']} shapes, {k['dtype']}, {where}")
     print(format_table(KERNEL_HEADERS, kernel_table(k)))
     print(f"\nwrote {out}")
     return 0
@@ -241,7 +245,7 @@ def _run_runtime(args: argparse.Namespace) -> int:
         raise ConfigError(f"--runs must be >= 1, got {args.runs}")
     name = args.model or RUNTIME_BENCHMARK_PRESET
     progress(f"building {name} ...")
-    loaded = load_model(name, parse_dtype(args.dtype), args.seed)
+    loaded = load_model(name, parse_dtype(args.dtype), args.seed, device=args.device)
     report = {
         "machine": machine_info(),
         "runtime": runtime_benchmark(

@@ -18,6 +18,7 @@ from ipcv_deploy.api import apply_ipcv, remove_ipcv
 from ipcv_deploy.bench.flops import flops_report
 from ipcv_deploy.bench.report import format_table, machine_info, median_seconds, progress
 from ipcv_deploy.cli.options import (
+    add_device_args,
     add_ipcv_args,
     add_model_args,
     add_output_args,
@@ -28,13 +29,14 @@ from ipcv_deploy.cli.options import (
 )
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ConfigError
-from ipcv_deploy.models import ImageSize, LoadedModel, load_model, parse_dtype
+from ipcv_deploy.models import ImageSize, LoadedModel, load_model, parse_dtype, synchronize
 from ipcv_deploy.parity import compare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``demo``."""
     add_model_args(parser)
+    add_device_args(parser)
     add_ipcv_args(parser)
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per variant (median)")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     require_at_least("--runs", args.runs, 1)
     require_at_least("--batch", args.batch, 1)
     progress(f"loading {args.model} ...")
-    loaded = load_model(args.model, parse_dtype(args.dtype), args.seed)
+    loaded = load_model(args.model, parse_dtype(args.dtype), args.seed, device=args.device)
     adapter = loaded.adapter(loaded.vision)
     image_size = parse_image_size(args.image_size) if args.image_size else loaded.image_size
     adapter.check_image_size(image_size)
@@ -65,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
         image_size, args.batch, torch.Generator().manual_seed(args.seed)
     )
     vision = loaded.vision
+    device = adapter.device  # the inputs are made there
+
+    def call() -> object:
+        out = vision(*inputs, **kwargs)
+        synchronize(device)
+        return out
+
     remove_ipcv(vision)
     latency, features = {}, {}
     with torch.inference_mode():
@@ -72,14 +81,15 @@ def run(args: argparse.Namespace) -> int:
             if variant == "ipcv":
                 apply_ipcv(vision, config)
             progress(f"running {variant} x{args.runs} ...")
-            latency[variant], _ = median_seconds(lambda: vision(*inputs, **kwargs), args.runs)
-            features[variant] = adapter.features(vision(*inputs, **kwargs))
+            latency[variant], _ = median_seconds(call, args.runs)
+            features[variant] = adapter.features(call()).cpu()
     flops = flops_report(adapter, image_size, config)
     agreement = compare(features["dense"], features["ipcv"])
     result = {
         "model": loaded.name,
         "family": loaded.adapter.family,
         "dtype": args.dtype,
+        "device": str(device),
         "image_size": list(image_size),
         "batch": args.batch,
         "ipcv": config.to_dict(),
@@ -113,6 +123,8 @@ def _export_and_verify(
     from ipcv_deploy.export import ExportOptions, export_encoder
 
     out = Path("engines") / "demo" / f"{Path(loaded.name).name}-ipcv"
+    # the export (and ONNX Runtime) is CPU work
+    (loaded.model if loaded.model is not None else loaded.vision).to("cpu")
     options = ExportOptions(image_size, config, target="all", force=True)
     artifact = export_encoder(loaded, options, out, progress=progress)
     progress("verifying ONNX Runtime against PyTorch ...")
@@ -134,7 +146,10 @@ def _export_and_verify(
 def _print(r: dict, runs: int) -> None:
     cfg = r["ipcv"]
     h, w = r["image_size"]
-    print(f"IPCV demo: {r['model']} ({r['family']}), {h}x{w}, batch {r['batch']}, {r['dtype']}")
+    print(
+        f"IPCV demo: {r['model']} ({r['family']}), {h}x{w}, batch {r['batch']}, {r['dtype']} "
+        f"on {r['device']}"
+    )
     print(
         f"IPCV: K={cfg['prune_layer']}, keep {cfg['keep_ratio']:.0%} "
         f"({r['tokens_per_image']} -> {r['kept_per_image']} tokens per image), "

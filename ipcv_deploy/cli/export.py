@@ -128,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
         q = m.quantization
         print(
             f"  {q['mode']}: {q['int8_matmuls']} weight MatMuls int8 ({q['weights']}), "
-            f"{q['fp32_matmuls']} fp32"
-            + (f" ({q['fp32_reason']})" if q["fp32_reason"] else "")
+            f"{q['fp32_matmuls']} fp32" + (f" ({q['fp32_reason']})" if q["fp32_reason"] else "")
         )
     for flavour, name in m.flavours.items():
         print(f"  {flavour}: {name}")

@@ -10,9 +10,10 @@ from typing import Any
 
 from ipcv_deploy.config import SELECTION_MODES, IPCVConfig
 from ipcv_deploy.errors import InputError
-from ipcv_deploy.models import DEFAULT_PRESET, DTYPES, PRESETS, FamilyAdapter, ImageSize
+from ipcv_deploy.models import DEFAULT_PRESET, DEVICES, DTYPES, PRESETS, FamilyAdapter, ImageSize
 
 __all__ = [
+    "add_device_args",
     "add_ipcv_args",
     "add_model_args",
     "add_output_args",
@@ -58,8 +59,25 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = DEFAUL
         "--image-size",
         help="HxW of each image / tile, e.g. 448x448; default: the model's",
     )
-    group.add_argument("--dtype", choices=list(DTYPES), default="float32", help="parameter dtype")
+    group.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="parameter dtype (default float32 on every device; float16 / bfloat16 also run "
+        "on the CPU, slowly)",
+    )
     group.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the PyTorch model runs (with ``add_model_args``' ``--dtype``)."""
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where the PyTorch model runs: cpu (default), cuda, or auto (cuda when torch sees "
+        "a CUDA GPU, else cpu)",
+    )
 
 
 def add_ipcv_args(parser: argparse.ArgumentParser) -> None:

@@ -15,8 +15,11 @@ from typing import Any
 
 import torch
 
+from ipcv_deploy.backends.onnxruntime_backend import ORT_PROVIDERS
 from ipcv_deploy.bench.report import progress
+from ipcv_deploy.cli.build import DEFAULT_PLUGIN
 from ipcv_deploy.cli.options import (
+    add_device_args,
     add_ipcv_args,
     add_model_args,
     add_output_args,
@@ -26,7 +29,7 @@ from ipcv_deploy.cli.options import (
     require_at_least,
 )
 from ipcv_deploy.compression.llm_pruning import LLM_PRUNING_METHODS, LLMPruningConfig, check_keep
-from ipcv_deploy.models import load_model, parse_dtype
+from ipcv_deploy.models import load_model, parse_dtype, resolve_device
 from ipcv_deploy.runtime import VISION_BACKENDS, SamplingConfig, VLMPipeline
 from ipcv_deploy.runtime.testcard import make_test_card
 
@@ -57,9 +60,23 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
-    """Vision backend and LLM-side pruning options (shared with ``eval`` and ``serve``)."""
+    """Device, vision backend and LLM-side pruning options (shared with ``eval``, ``serve``)."""
+    add_device_args(parser)
     group = parser.add_argument_group("runtime")
     group.add_argument("--vision-backend", choices=VISION_BACKENDS, default="torch")
+    group.add_argument(
+        "--ort-provider",
+        choices=list(ORT_PROVIDERS),
+        default="cpu",
+        help="ONNX Runtime execution provider for --vision-backend ort (default cpu; cuda and "
+        "tensorrt need onnxruntime-gpu)",
+    )
+    group.add_argument(
+        "--plugin-lib",
+        type=Path,
+        default=DEFAULT_PLUGIN,
+        help=f"ipcv TensorRT plugin library for --ort-provider tensorrt (default {DEFAULT_PLUGIN})",
+    )
     group.add_argument(
         "--artifact", type=Path, help="export directory for --vision-backend ort|trt"
     )
@@ -90,8 +107,9 @@ def build_pipeline(args: argparse.Namespace) -> VLMPipeline:
         pruning = LLMPruningConfig(args.llm_pruning, args.llm_keep, args.llm_layer)
     else:
         check_keep(args.llm_keep)
+    device = resolve_device(args.device)  # before loading: a missing GPU fails at once
     progress(f"loading {args.model} ...")
-    loaded = load_model(args.model, parse_dtype(args.dtype), args.seed)
+    loaded = load_model(args.model, parse_dtype(args.dtype), args.seed, device=device)
     image_size = parse_image_size(args.image_size) if args.image_size else None
     ipcv = (
         None if args.dense or args.vision_backend != "torch" else ipcv_config(args, loaded.adapter)
@@ -105,6 +123,8 @@ def build_pipeline(args: argparse.Namespace) -> VLMPipeline:
         image_size=image_size,
         llm_pruning=pruning,
         threads=args.threads,
+        ort_provider=args.ort_provider,
+        plugin_lib=args.plugin_lib,
     )
 
 

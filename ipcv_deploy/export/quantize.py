@@ -64,7 +64,7 @@ def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     absmax = np.abs(weight).max(axis=0).astype(np.float32)
     scale = np.where(absmax > 0, absmax / np.float32(INT8_RANGE), np.float32(1)).astype(np.float32)
-    q = np.clip(np.rint(weight / scale), -INT8_RANGE, INT8_RANGE).astype(np.int8)
+    q = np.minimum(np.maximum(np.rint(weight / scale), -INT8_RANGE), INT8_RANGE).astype(np.int8)
     return q, scale
 
 

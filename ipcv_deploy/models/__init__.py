@@ -20,7 +20,10 @@ from ipcv_deploy.models.llava import LlavaAdapter, LlavaNextAdapter
 from ipcv_deploy.models.presets import (
     BENCHMARK_PRESETS,
     DEFAULT_PRESET,
+    DEVICES,
     DTYPES,
+    KERNEL_BENCHMARK_PRESET,
+    MEGAPIXEL_INPUTS,
     PRESETS,
     RUNTIME_BENCHMARK_PRESET,
     SERVE_BENCHMARK_PRESET,
@@ -28,6 +31,8 @@ from ipcv_deploy.models.presets import (
     ModelPreset,
     load_model,
     parse_dtype,
+    resolve_device,
+    synchronize,
 )
 from ipcv_deploy.models.qwen2_5_vl import Qwen25VLAdapter
 from ipcv_deploy.models.qwen2_vl import Qwen2VLAdapter
@@ -36,7 +41,10 @@ from ipcv_deploy.models.siglip import SiglipAdapter
 __all__ = [
     "BENCHMARK_PRESETS",
     "DEFAULT_PRESET",
+    "DEVICES",
     "DTYPES",
+    "KERNEL_BENCHMARK_PRESET",
+    "MEGAPIXEL_INPUTS",
     "PRESETS",
     "RUNTIME_BENCHMARK_PRESET",
     "SERVE_BENCHMARK_PRESET",
@@ -55,5 +63,7 @@ __all__ = [
     "load_model",
     "parse_dtype",
     "register_adapter",
+    "resolve_device",
     "supported_model_types",
+    "synchronize",
 ]

@@ -165,8 +165,15 @@ class FamilyAdapter:
         """Parameter dtype of the tower."""
         return next(self.vision.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the tower's parameters (where example inputs are made)."""
+        return next(self.vision.parameters()).device
+
     def _random(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(self.dtype)
+        """Seeded on the generator's device (the CPU: the same values everywhere), then moved."""
+        values = torch.randn(shape, generator=generator, device=generator.device)
+        return values.to(self.device, self.dtype)
 
 
 @dataclass(frozen=True)

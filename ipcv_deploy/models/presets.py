@@ -25,13 +25,19 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-from ipcv_deploy.errors import ArtifactError, ConfigError, UnsupportedModelError
+from ipcv_deploy.errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    ConfigError,
+    UnsupportedModelError,
+)
 from ipcv_deploy.models import internvl, llava, qwen2_5_vl, qwen2_vl, siglip
 from ipcv_deploy.models.base import FamilyAdapter, ImageSize, get_adapter
 
 __all__ = [
     "BENCHMARK_PRESETS",
     "DEFAULT_PRESET",
+    "DEVICES",
     "DTYPES",
     "PRESETS",
     "RUNTIME_BENCHMARK_PRESET",
@@ -40,6 +46,8 @@ __all__ = [
     "ModelPreset",
     "load_model",
     "parse_dtype",
+    "resolve_device",
+    "synchronize",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -230,6 +238,10 @@ BENCHMARK_PRESETS = ("qwen2-vl-7b-vit", "internvit-300m")
 RUNTIME_BENCHMARK_PRESET = "qwen2-vl-2b"
 #: The model ``bench --serve`` serves when no model is named.
 SERVE_BENCHMARK_PRESET = "tiny-qwen2-vl"
+#: The tower whose shapes ``bench --kernels`` uses for the ops' roofline.
+KERNEL_BENCHMARK_PRESET = "qwen2-vl-7b-vit"
+#: About 1 MP as each benchmark tower's processor gives it: (image size, images per call).
+MEGAPIXEL_INPUTS = {"qwen2-vl-7b-vit": ((1008, 1008), 1), "internvit-300m": ((448, 448), 5)}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -244,8 +256,53 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
 
 
+#: What ``--device`` takes: ``auto`` is ``cuda`` when torch sees a CUDA GPU, else ``cpu``.
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` (``cuda:N``) or ``auto`` to a torch device that exists here.
+
+    Raises:
+        ConfigError: any other name.
+        BackendUnavailableError: a CUDA device asked for where torch sees none.
+    """
+    text = str(name)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no CUDA GPU visible"
+            raise BackendUnavailableError(
+                f"--device {text}: CUDA is not available (torch {torch.__version__}, {build}); "
+                "pass --device cpu (or auto), or install a CUDA build of torch on a GPU machine"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BackendUnavailableError(
+                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible; "
+                "pass --device cuda:0"
+            )
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work, so a clock read after it covers it (CUDA is async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def load_model(
-    spec: str, dtype: torch.dtype = torch.float32, seed: int = 0, weights: bool = True
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    weights: bool = True,
+    device: str | torch.device = "cpu",
 ) -> LoadedModel:
     """Build a preset with seeded random weights, or load a local Hugging Face checkpoint.
 
@@ -256,6 +313,8 @@ def load_model(
         seed: torch seed for the random weights of a preset.
         weights: ``False`` builds the architecture on the meta device only (no memory, no
             weights read): enough for shapes and FLOPs.
+        device: where the model runs (``resolve_device``); weights are built or read on the
+            CPU first, so a preset's seeded weights are the same on every device.
 
     Returns:
         The ``LoadedModel`` in eval mode.
@@ -264,12 +323,14 @@ def load_model(
         UnsupportedModelError: unknown preset, not a checkpoint, or an unsupported family.
         ArtifactError: a checkpoint without safetensors weights, or one that fails to load.
     """
+    target = resolve_device(device) if weights else torch.device("meta")
     if spec in PRESETS:
         preset = PRESETS[spec]
         adapter = get_adapter(preset.model_type)
         torch.manual_seed(seed)
         with torch.device("cpu" if weights else "meta"):
             module = preset.build().to(dtype).eval()
+        module.to(target)
         vision = adapter.vision_tower(module) if preset.full_model else module
         model = module if preset.full_model else None
         return LoadedModel(spec, adapter, vision, model, preset.image_size, seed)
@@ -279,7 +340,10 @@ def load_model(
             f"unknown model {spec!r}: not a built-in preset ({', '.join(PRESETS)}) and not a "
             "local checkpoint directory; pass a preset name or a directory holding config.json"
         )
-    return _load_checkpoint(path, dtype, weights)
+    loaded = _load_checkpoint(path, dtype, weights)
+    if weights:
+        loaded.model.to(target)
+    return loaded
 
 
 def _load_checkpoint(path: Path, dtype: torch.dtype, weights: bool) -> LoadedModel:

@@ -12,7 +12,6 @@ varies), and the final restore gives the merger the complete window-ordered grid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,14 +34,28 @@ from ipcv_deploy.models.qwen2_vl import tiny_config as qwen2_vl_tiny_config
 __all__ = ["Qwen25VLAdapter"]
 
 
-@dataclass
 class _Windows(_Rope):
-    """RoPE tables in window order, and where the windows and images lie in a row."""
+    """RoPE tables in window order, and where the windows and images lie in a row.
 
-    windows: tuple[int, ...] = ()  # tokens per window, in order
-    window_ends: torch.Tensor | None = None  # [windows] cumulative ends, for bucketize
-    order: torch.Tensor | None = None  # merge units in window order (into raster order)
-    restore: torch.Tensor | None = None  # window order -> raster order, per merge unit
+    ``window_ends`` [windows] (cumulative ends, for bucketize), ``order`` (merge units in
+    window order, into raster order) and ``restore`` (window order -> raster order) are
+    non-persistent buffers like the tables.
+    """
+
+    def __init__(
+        self,
+        segments: tuple[int, ...],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        windows: tuple[int, ...],
+        window_ends: torch.Tensor,
+        order: torch.Tensor,
+    ) -> None:
+        super().__init__(segments, cos, sin)
+        self.windows = windows  # tokens per window, in order
+        self.register_buffer("window_ends", window_ends, persistent=False)
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("restore", torch.argsort(order), persistent=False)
 
     def window_of(self, index: torch.Tensor) -> torch.Tensor:
         """Window id of each token at ``index`` (any shape of in-row positions)."""
@@ -84,27 +97,25 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
             full_attention_blocks=tuple(cfg.fullatt_block_indexes),
         )
 
-    def _layout(
-        self, grid_thw: torch.Tensor, kwargs: dict[str, Any]
-    ) -> tuple[tuple[int, ...], _Windows]:
+    def _layout(self, grid_thw: torch.Tensor, kwargs: dict[str, Any]) -> _Windows:
         vision, cfg = self.vision, self.vision.config
         position_ids = get_vision_position_ids(grid_thw, vision.spatial_merge_size, kwargs=kwargs)
         cu_seqlens = get_vision_cu_seqlens(grid_thw, kwargs=kwargs)
         order, cu_windows = get_vision_window_index(
             grid_thw, vision.spatial_merge_size, cfg.window_size, cfg.patch_size, kwargs=kwargs
         )
+        order = order.to(grid_thw.device)  # transformers builds it on the CPU
         cos, sin = vision.rotary_pos_emb(vision.patch_embed.proj.weight, position_ids)
         unit = vision.spatial_merge_size**2
         windows = tuple(int(n) for n in cu_windows.diff().tolist())
-        context = _Windows(
+        return _Windows(
+            tuple(int(n) for n in cu_seqlens.diff().tolist()),
             self._to_window_order(cos, order, unit),
             self._to_window_order(sin, order, unit),
             windows=windows,
             window_ends=cu_windows[1:].long(),
             order=order,
-            restore=torch.argsort(order),
         )
-        return tuple(int(n) for n in cu_seqlens.diff().tolist()), context
 
     @staticmethod
     def _to_window_order(x: torch.Tensor, order: torch.Tensor, unit: int) -> torch.Tensor:

@@ -6,11 +6,11 @@ the last block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import rotate_half
@@ -38,13 +38,19 @@ _SPLIT = ("ipcv_q_weight", "ipcv_q_bias", "ipcv_kv_weight", "ipcv_kv_bias")
 MAX_PATCHES = 65536
 
 
-@dataclass
-class _Rope:
-    """RoPE tables of a row's tokens, and of the kept tokens once gathered (reused per block)."""
+class _Rope(nn.Module):
+    """Segments and RoPE tables of a row's tokens; the kept tokens' tables once gathered.
 
-    cos: torch.Tensor  # [T, head_dim], the same for every row
-    sin: torch.Tensor
-    _kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    The tables are non-persistent buffers, so ``.to(device)`` of a module holding the row
+    context (``RowEncoder``) moves them with the weights; they are never saved.
+    """
+
+    def __init__(self, segments: tuple[int, ...], cos: torch.Tensor, sin: torch.Tensor) -> None:
+        super().__init__()
+        self.segments = segments
+        self.register_buffer("cos", cos, persistent=False)  # [T, head_dim], same for every row
+        self.register_buffer("sin", sin, persistent=False)
+        self._kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def of(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of the tokens at ``index`` [B, T'] (all tokens, [T, d], for ``None``)."""
@@ -108,7 +114,7 @@ class Qwen2VLAdapter(FamilyAdapter):
         h, w = image_size[0] // self._patch, image_size[1] // self._patch
         patch_dim = cfg.in_channels * cfg.temporal_patch_size * self._patch**2
         pixels = self._random((batch * h * w, patch_dim), generator)
-        grid = torch.tensor([[1, h, w]] * batch, dtype=torch.long)
+        grid = torch.tensor([[1, h, w]] * batch, dtype=torch.long, device=self.device)
         return (pixels,), {"grid_thw": grid}
 
     def encoder_shape(self, image_size: ImageSize) -> EncoderShape:
@@ -151,24 +157,25 @@ class Qwen2VLAdapter(FamilyAdapter):
                 f"{grid_thw.tolist()} (expected {expected} rows); pass the processor's "
                 "pixel_values together with its image_grid_thw"
             )
-        segments, rope = self._layout(grid_thw, kwargs)
+        rope = self._layout(grid_thw, kwargs)
         tokens = self.vision.patch_embed(hidden_states)
-        return EncodedInput(tokens.unsqueeze(0), segments, rope)
+        return EncodedInput(tokens.unsqueeze(0), rope.segments, rope)
 
-    def _layout(
-        self, grid_thw: torch.Tensor, kwargs: dict[str, Any]
-    ) -> tuple[tuple[int, ...], _Rope]:
+    def _layout(self, grid_thw: torch.Tensor, kwargs: dict[str, Any]) -> _Rope:
         vision = self.vision
         position_ids = get_vision_position_ids(grid_thw, vision.spatial_merge_size, kwargs=kwargs)
         cu_seqlens = get_vision_cu_seqlens(grid_thw, kwargs=kwargs)
         cos, sin = vision.rotary_pos_emb(vision.patch_embed.proj.weight, position_ids)
-        return tuple(int(n) for n in cu_seqlens.diff().tolist()), _Rope(cos, sin)
+        return _Rope(tuple(int(n) for n in cu_seqlens.diff().tolist()), cos, sin)
 
-    def row_context(self, image_size: ImageSize) -> tuple[tuple[int, ...], _Rope]:
-        """Segments and RoPE tables of one image of ``image_size``, computed once per export."""
+    def row_context(self, image_size: ImageSize) -> _Rope:
+        """Segments and RoPE tables of one image of ``image_size``, computed once per export.
+
+        Made on the tower's device; a module (buffers), so it follows later ``.to()`` calls.
+        """
         self.check_image_size(image_size)
         h, w = image_size[0] // self._patch, image_size[1] // self._patch
-        return self._layout(torch.tensor([[1, h, w]]), {})
+        return self._layout(torch.tensor([[1, h, w]], device=self.device), {})
 
     def row_inputs(
         self, image_size: ImageSize, batch: int, generator: torch.Generator
@@ -179,9 +186,9 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
         """Patch-embed [B, h*w, C*t*p*p], one image per row, with ``row_context``'s tables."""
-        segments, rope = context
+        rope: _Rope = context
         tokens = self.vision.patch_embed(pixels.reshape(-1, pixels.shape[-1]))
-        return EncodedInput(tokens.view(pixels.shape[0], pixels.shape[1], -1), segments, rope)
+        return EncodedInput(tokens.view(pixels.shape[0], pixels.shape[1], -1), rope.segments, rope)
 
     def block(
         self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
@@ -205,6 +212,7 @@ class Qwen2VLAdapter(FamilyAdapter):
         blk = self.vision.blocks[index]
         rope: _Rope = enc.context
         attn, idx = blk.attn, kept.index
+        assert hasattr(attn, _SPLIT[0]), f"AS block {index}: call adapter.prepare(config) first"
         h = blk.norm1(full)
         q = F.linear(gather_tokens(h, idx), attn.ipcv_q_weight, attn.ipcv_q_bias)
         q = q.unflatten(-1, (attn.num_heads, -1))

@@ -2,6 +2,7 @@
 
 from ipcv_deploy.ops.specs import (
     DOMAIN,
+    KERNEL_MAX_NEIGHBORS,
     OP_SPECS,
     OPSET_VERSION,
     PLUGIN_NAMESPACE,
@@ -12,6 +13,7 @@ from ipcv_deploy.ops.torch_ops import neighbor_index, neighbor_reconstruct, toke
 
 __all__ = [
     "DOMAIN",
+    "KERNEL_MAX_NEIGHBORS",
     "OPSET_VERSION",
     "OP_SPECS",
     "PLUGIN_NAMESPACE",

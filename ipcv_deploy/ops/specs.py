@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "DOMAIN",
+    "KERNEL_MAX_NEIGHBORS",
     "OPSET_VERSION",
     "OP_SPECS",
     "PLUGIN_NAMESPACE",
@@ -31,6 +32,8 @@ DOMAIN = "ipcv"
 OPSET_VERSION = 1
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = "ipcv"
+#: The largest ``num_neighbors`` the kernels (Triton, TensorRT plugins) take.
+KERNEL_MAX_NEIGHBORS = 32
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
 from ipcv_deploy.errors import ConfigError, InputError
 from ipcv_deploy.hf_compat import cache_argument, cache_tensors
+from ipcv_deploy.models import synchronize
 from ipcv_deploy.runtime.prefill import PrefillPruner, PruningOutcome
 
 __all__ = [
@@ -193,7 +194,9 @@ def generate(
     pad = getattr(generation_config, "pad_token_id", None)
     pad = pad if pad is not None else (eos[0] if eos else 0)
     check_left_padded(inputs.attention_mask)
-    rng = torch.Generator().manual_seed(sampling.seed)
+    device = inputs.inputs_embeds.device
+    rng = torch.Generator(device=device).manual_seed(sampling.seed)  # on the logits' device
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     cache = DynamicCache(config=decoder.config)
     mask = inputs.attention_mask
 
@@ -223,12 +226,13 @@ def generate(
     logits = head(out.last_hidden_state[:, -1])
     scores = [logits] if return_scores else None
     token = _choose(logits, sampling, rng)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
     kv_tokens, kv_bytes = cache.get_seq_length(), kv_cache_bytes(cache)
 
     batch = token.shape[0]
     tokens = [token]
-    done = torch.isin(token, torch.tensor(eos, dtype=token.dtype))
+    done = torch.isin(token, eos_ids)
     lengths = [1] * batch
     done = _callback(on_token, 0, token, done)
     last_position = inputs.position_ids[..., -1:]
@@ -251,9 +255,10 @@ def generate(
         token = torch.where(done, torch.full_like(token, pad), token)
         for b in range(batch):
             lengths[b] += int(not done[b])
-        done |= torch.isin(token, torch.tensor(eos, dtype=token.dtype))
+        done |= torch.isin(token, eos_ids)
         tokens.append(token)
         done = _callback(on_token, step, token, done)
+    synchronize(device)
     decode_s = time.perf_counter() - start
     return Generation(
         tokens=torch.stack(tokens, dim=1),

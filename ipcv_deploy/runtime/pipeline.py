@@ -22,7 +22,7 @@ from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ConfigError, InputError
 from ipcv_deploy.hf_compat import prefill_position_ids
-from ipcv_deploy.models import LoadedModel, load_model, parse_dtype
+from ipcv_deploy.models import LoadedModel, load_model, parse_dtype, resolve_device, synchronize
 from ipcv_deploy.models.processors import fit_processor, image_rows, load_processor
 from ipcv_deploy.runtime.generate import (
     Generation,
@@ -129,16 +129,33 @@ class VLMPipeline:
         threads: int | None = None,
         dtype: str = "float32",
         seed: int = 0,
+        device: str | None = None,
+        ort_provider: str = "cpu",
+        plugin_lib: Path | None = None,
     ) -> VLMPipeline:
         """Load the model and processor and set up the vision backend.
 
         ``vision_backend`` ``torch`` runs IPCV with ``ipcv`` (dense when ``None``) on the
         model's tower; ``ort`` / ``trt`` run ``artifact`` (whose manifest fixes the IPCV
         settings and image size).
+
+        ``device`` (``cpu``, ``cuda``, ``auto``: CUDA when available) is where the LLM and the
+        torch vision backend run: a model loaded here goes there (default ``cpu``), a
+        ``LoadedModel`` passed in is moved there (``None``: left where it is). ``dtype`` is
+        the parameter dtype of a model loaded here. ``ort_provider`` (``cpu``, ``cuda``,
+        ``tensorrt``) and ``plugin_lib`` (the TensorRT EP's plugin library) are for
+        ``vision_backend="ort"``.
         """
-        loaded = (
-            model if isinstance(model, LoadedModel) else load_model(model, parse_dtype(dtype), seed)
-        )
+        if vision_backend != "ort" and ort_provider != "cpu":
+            raise ConfigError(
+                f"--ort-provider {ort_provider} is for --vision-backend ort, not {vision_backend}"
+            )
+        if isinstance(model, LoadedModel):
+            loaded = model
+            if device is not None and loaded.model is not None:
+                loaded.model.to(resolve_device(device))
+        else:
+            loaded = load_model(model, parse_dtype(dtype), seed, device=device or "cpu")
         if vision_backend == "torch":
             if artifact is not None:
                 raise ConfigError("--artifact is for --vision-backend ort or trt, not torch")
@@ -149,8 +166,15 @@ class VLMPipeline:
                     f"--vision-backend {vision_backend} runs an exported encoder: pass --artifact "
                     "DIR (written by `ipcv-export export`)"
                 )
-            vision = artifact_vision(loaded, Path(artifact), vision_backend, threads, engine)
+            vision = artifact_vision(
+                loaded, Path(artifact), vision_backend, threads, engine, ort_provider, plugin_lib
+            )
         return cls(loaded, vision, load_processor(loaded, vision.image_size), llm_pruning)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the LLM runs (and the torch vision backend); processor outputs go here."""
+        return next(self.model.parameters()).device
 
     # --- prompt side ---------------------------------------------------------------------------
     @property
@@ -237,10 +261,12 @@ class VLMPipeline:
         start = time.perf_counter()
         rows = image_rows(self.model_type, batch["pixel_values"], len(images))
         embeds = self.vision.backend(rows)["image_embeds"]
+        synchronize(embeds.device)
         timings["vision_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        device = self.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         image_mask = ids == self.image_token_id
         per_image = embeds.shape[1]
         counts = image_mask.sum(1)
@@ -253,11 +279,12 @@ class VLMPipeline:
             inputs_embeds = self.model.get_input_embeddings()(ids)
             inputs_embeds[image_mask] = embeds.reshape(-1, embeds.shape[-1]).to(inputs_embeds)
         extra = {
-            k: v
+            k: v.to(device) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()
             if k not in ("input_ids", "attention_mask", "pixel_values")
         }
         positions = prefill_position_ids(self.model, ids, {"attention_mask": mask, **extra})
+        synchronize(device)
         timings["stitch_s"] = time.perf_counter() - start
         return LLMInputs(ids, mask, inputs_embeds, positions, image_mask), timings
 

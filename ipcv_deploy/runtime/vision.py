@@ -105,6 +105,8 @@ def artifact_vision(
     backend: str,
     threads: int | None = None,
     engine_dir: Path | None = None,
+    ort_provider: str = "cpu",
+    plugin_lib: Path | None = None,
 ) -> VisionEncoder:
     """An exported encoder on ONNX Runtime (``ort``) or TensorRT (``trt``).
 
@@ -114,6 +116,8 @@ def artifact_vision(
         backend: ``ort`` or ``trt``.
         threads: ONNX Runtime intra-op threads.
         engine_dir: the TensorRT engine directory (default ``artifact_dir/trt-fp16``).
+        ort_provider: ONNX Runtime's execution provider: ``cpu``, ``cuda`` or ``tensorrt``.
+        plugin_lib: the plugin library for ``ort_provider="tensorrt"``.
     """
     artifact = load_artifact(artifact_dir)
     _check_artifact_fits(artifact, loaded)
@@ -121,7 +125,9 @@ def artifact_vision(
     if backend == "ort":
         from ipcv_deploy.backends.onnxruntime_backend import OrtBackend
 
-        runner: VisionBackend = OrtBackend(artifact, threads=threads)
+        runner: VisionBackend = OrtBackend(
+            artifact, threads=threads, provider=ort_provider, plugin_lib=plugin_lib
+        )
     elif backend == "trt":
         from ipcv_deploy.trt.runner import TrtBackend
 

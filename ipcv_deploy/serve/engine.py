@@ -220,7 +220,7 @@ class BatchEngine:
                 job.put(Event("error", error=ApiError(400, str(err))))
             return
         except Exception as err:  # a bug: the clients get a 500, the server keeps serving
-            failure = ApiError(500, f"internal error: {err}", kind="server_error")
+            failure = ApiError(500, f"server error: {err}", kind="server_error")
             for job in batch:
                 job.put(Event("error", error=failure))
             return

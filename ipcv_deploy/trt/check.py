@@ -13,7 +13,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ipcv_deploy.ops import DOMAIN, OP_SPECS, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from ipcv_deploy.ops import (
+    DOMAIN,
+    KERNEL_MAX_NEIGHBORS,
+    OP_SPECS,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+)
 from ipcv_deploy.trt.onnx_support import (
     DATA_DEPENDENT_SHAPE_OPS,
     MAX_PARSER_OPSET,
@@ -89,6 +95,15 @@ def _check_ipcv_node(node: onnx.NodeProto, report: TrtCheckReport) -> None:
             f"{node.op_type} has plugin_version={version!r}, plugin_namespace={namespace!r}; "
             f"the ipcv plugins register version {PLUGIN_VERSION!r} in namespace "
             f"{PLUGIN_NAMESPACE!r}: use the artifact's TensorRT flavour (export --target trt)",
+        )
+    if attrs.get("num_neighbors", 0) > KERNEL_MAX_NEIGHBORS:
+        report.add(
+            "error",
+            "num-neighbors",
+            node.name,
+            f"{node.op_type} has num_neighbors={attrs['num_neighbors']}; the plugin kernels take "
+            f"at most {KERNEL_MAX_NEIGHBORS}: export with --num-neighbors {KERNEL_MAX_NEIGHBORS} "
+            "or fewer",
         )
 
 

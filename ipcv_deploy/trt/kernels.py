@@ -1,8 +1,10 @@
-"""The CUDA kernels of the ``ipcv`` ops, built with nvcc and called through ctypes.
+"""The plugin library's C API (``plugins/include/ipcv_kernels.h``): built with g++, ctypes.
 
-The TensorRT plugins call the same C launchers (``plugins/include/ipcv_kernels.h``); this
-module lets the kernels be compiled and tested against the PyTorch reference ops without
-TensorRT, on torch CUDA tensors.
+The TensorRT plugins launch the ahead-of-time compiled Triton kernels
+(``ipcv_deploy.kernels.aot``) through this C API; ``build_kernel_library`` builds the same
+launchers into ``libipcv_kernels.so`` with a plain C++ compiler (no nvcc, no CUDA toolkit, no
+GPU: the driver API types come from the triton wheel's ``cuda.h``) and ``KernelLibrary`` calls
+them on torch CUDA tensors, on torch's current stream.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,78 +22,99 @@ import torch
 from ipcv_deploy.errors import BackendUnavailableError, InputError
 
 __all__ = [
-    "KERNEL_SOURCES",
+    "IPCV_ERROR_INVALID_VALUE",
+    "IPCV_ERROR_NO_DRIVER",
+    "IPCV_ERROR_NO_IMAGE",
+    "LAUNCHER_SOURCES",
     "PLUGIN_DIR",
-    "CudaKernels",
+    "KernelLibrary",
     "build_kernel_library",
-    "cuda_include_dir",
-    "find_nvcc",
+    "cuda_header_dir",
 ]
 
 PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugins"
-KERNEL_SOURCES = ("token_select.cu", "neighbor_index.cu", "neighbor_reconstruct.cu")
-#: Orin (87), Ada / L4 (89), Hopper (90), Thor (110 in CUDA 13; 101 in CUDA 12.8-12.9).
-DEFAULT_ARCHS = ("sm_87", "sm_89", "sm_90", "sm_110")
+#: The hand-written launcher sources (plugins/src); the AOT build generates the rest.
+LAUNCHER_SOURCES = ("ipcv_kernels.cpp", "aot_launcher.cpp")
+#: ``IpcvStatus`` values of ipcv_kernels.h (other non-zero values are CUresults).
+IPCV_ERROR_INVALID_VALUE = 1
+IPCV_ERROR_NO_DRIVER = -1
+IPCV_ERROR_NO_IMAGE = -2
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def find_nvcc() -> str:
-    """Path of nvcc (``$CUDACXX``, ``PATH``, ``/usr/local/cuda/bin``).
+def cuda_header_dir() -> Path:
+    """Directory of ``cuda.h``: ``$IPCV_CUDA_INCLUDE``, else the one bundled with triton.
 
     Raises:
-        BackendUnavailableError: no nvcc.
+        BackendUnavailableError: neither has ``cuda.h``.
     """
-    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if candidate and Path(candidate).is_file():
-            return candidate
+    candidates = [os.environ.get("IPCV_CUDA_INCLUDE")]
+    try:
+        import triton
+
+        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "include"))
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "cuda.h").is_file():
+            return Path(candidate)
     raise BackendUnavailableError(
-        "nvcc not found; install the CUDA toolkit or set CUDACXX to compile the ipcv kernels"
+        "cuda.h not found: install triton (it bundles the header) or set IPCV_CUDA_INCLUDE"
     )
 
 
-def cuda_include_dir() -> Path | None:
-    """The CUDA toolkit's include directory (``$CUDA_HOME``, ``$CUDA_PATH``, /usr/local/cuda)."""
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and (Path(root) / "include" / "cuda_runtime_api.h").is_file():
-            return Path(root) / "include"
-    return None
+def build_kernel_library(
+    out_dir: Path,
+    archs: Sequence[int] | None = None,
+    aot_dir: Path | None = None,
+    jobs: int = 1,
+) -> Path:
+    """Build ``out_dir/libipcv_kernels.so``: AOT-compile the kernels, then g++ the launchers.
 
-
-def build_kernel_library(out_dir: Path, archs: Sequence[str] = DEFAULT_ARCHS) -> Path:
-    """Compile the kernels into ``out_dir/libipcv_kernels.so`` with nvcc.
+    Args:
+        out_dir: output directory (created); the generated sources go to ``out_dir/aot``.
+        archs: compute capabilities to compile for (default: ``aot.DEFAULT_ARCHS``).
+        aot_dir: reuse the output of an earlier ``compile_kernels`` instead of compiling.
+        jobs: parallel Triton compile processes.
 
     Raises:
-        BackendUnavailableError: no nvcc.
-        RuntimeError: nvcc failed (its output is in the message).
+        BackendUnavailableError: no C++ compiler (``$CXX`` or g++), no triton or no cuda.h.
+        RuntimeError: the compiler failed (its output is in the message).
     """
-    nvcc = find_nvcc()
+    from ipcv_deploy.kernels import aot
+
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    if not compiler:
+        raise BackendUnavailableError("no C++ compiler: install g++ or set CXX")
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if aot_dir is None:
+        aot_dir = out_dir / "aot"
+        aot.compile_kernels(aot_dir, archs or aot.DEFAULT_ARCHS, jobs=jobs)
     target = out_dir / "libipcv_kernels.so"
-    gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
+    with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
     command = [
-        nvcc,
-        "-O3",
-        "-std=c++17",
-        "-shared",
-        "-Xcompiler",
-        "-fPIC",
-        *gencode,
-        f"-I{PLUGIN_DIR / 'include'}",
-        *(str(PLUGIN_DIR / "src" / name) for name in KERNEL_SOURCES),
-        "-o",
-        str(target),
-    ]
+        compiler, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared",
+        "-fvisibility=hidden", "-isystem", str(cuda_header_dir()),
+        f"-I{PLUGIN_DIR / 'include'}", f"-I{PLUGIN_DIR / 'src'}", f"-I{aot_dir}",
+        *(str(PLUGIN_DIR / "src" / name) for name in LAUNCHER_SOURCES),
+        str(Path(aot_dir) / aot.SOURCE_NAME), "-ldl", "-o", str(partial),
+    ]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode:
-        raise RuntimeError(f"nvcc failed ({' '.join(command)}):\n{proc.stderr}")
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr}")
+    os.replace(partial, target)
     return target
 
 
-class CudaKernels:
-    """ctypes bindings of the kernel launchers, with the ``ops.torch_ops`` signatures.
+class KernelLibrary:
+    """ctypes bindings of the C API, with the ``ipcv_deploy.ops`` signatures on CUDA tensors.
 
-    Loads ``libipcv_kernels.so`` or the plugin library (which exports the same launchers) and
-    runs on CUDA tensors, on torch's current stream.
+    Loads ``libipcv_kernels.so`` or the plugin library (which exports the same launchers).
+    ``lib`` is the raw ``ctypes.CDLL`` with typed functions; ``status_string(code)`` explains
+    a launcher result.
     """
 
     def __init__(self, library: Path) -> None:
@@ -109,18 +133,27 @@ class CudaKernels:
         lib.ipcv_neighbor_reconstruct.argtypes = [*[ptr] * 6, ctypes.c_int, *[i64] * 5, ptr, ptr]
         for fn in (lib.ipcv_token_select, lib.ipcv_neighbor_index, lib.ipcv_neighbor_reconstruct):
             fn.restype = ctypes.c_int
+        lib.ipcv_status_string.argtypes = [ctypes.c_int]
+        lib.ipcv_status_string.restype = ctypes.c_char_p
         self.lib = lib
+
+    def status_string(self, code: int) -> str:
+        """The library's one-line description of a launcher result."""
+        return self.lib.ipcv_status_string(code).decode()
+
+    def _check(self, code: int, op: str) -> None:
+        if code == 0:
+            return
+        message = f"{op}: {self.status_string(code)} (code {code})"
+        if code == IPCV_ERROR_INVALID_VALUE:
+            raise InputError(f"{message}; see the limits in plugins/include/ipcv_kernels.h")
+        if code in (IPCV_ERROR_NO_DRIVER, IPCV_ERROR_NO_IMAGE):
+            raise BackendUnavailableError(message)
+        raise RuntimeError(message)
 
     @staticmethod
     def _stream() -> ctypes.c_void_p:
         return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-
-    @staticmethod
-    def _check(code: int, op: str) -> None:
-        if code:
-            raise InputError(
-                f"{op} kernel failed with CUDA error {code} (see ipcv_kernels.h limits)"
-            )
 
     @staticmethod
     def _float(*tensors: torch.Tensor) -> int:
@@ -134,17 +167,15 @@ class CudaKernels:
     def token_select(
         self, h_prev: torch.Tensor, h_cur: torch.Tensor, num_keep: int, num_prefix: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ops.token_select`` on the GPU."""
+        """``ops.token_select`` through the C API."""
         dtype = self._float(h_prev, h_cur)
         h_prev, h_cur = h_prev.contiguous(), h_cur.contiguous()
         batch, tokens, width = h_cur.shape
-        keep = torch.empty(batch, num_keep, dtype=torch.int64, device=h_cur.device)
-        drop = torch.empty(batch, tokens - num_keep, dtype=torch.int64, device=h_cur.device)
-        work = torch.empty(
-            self.lib.ipcv_token_select_workspace(batch, tokens),
-            dtype=torch.uint8,
-            device=h_cur.device,
-        )
+        device = h_cur.device
+        keep = torch.empty(batch, num_keep, dtype=torch.int64, device=device)
+        drop = torch.empty(batch, max(tokens - num_keep, 0), dtype=torch.int64, device=device)
+        work_bytes = self.lib.ipcv_token_select_workspace(batch, tokens)
+        work = torch.empty(work_bytes, dtype=torch.uint8, device=device)
         code = self.lib.ipcv_token_select(
             h_prev.data_ptr(), h_cur.data_ptr(), dtype, batch, tokens, width, num_keep,
             num_prefix, keep.data_ptr(), drop.data_ptr(), work.data_ptr(), self._stream(),
@@ -155,17 +186,14 @@ class CudaKernels:
     def neighbor_index(
         self, x_keep: torch.Tensor, x_drop: torch.Tensor, num_neighbors: int
     ) -> torch.Tensor:
-        """``ops.neighbor_index`` on the GPU."""
+        """``ops.neighbor_index`` through the C API."""
         dtype = self._float(x_keep, x_drop)
         x_keep, x_drop = x_keep.contiguous(), x_drop.contiguous()
         batch, kept, width = x_keep.shape
         dropped = x_drop.shape[1]
         nbr = torch.empty(batch, dropped, num_neighbors, dtype=torch.int64, device=x_keep.device)
-        work = torch.empty(
-            self.lib.ipcv_neighbor_index_workspace(batch, kept),
-            dtype=torch.uint8,
-            device=x_keep.device,
-        )
+        work_bytes = self.lib.ipcv_neighbor_index_workspace(batch, kept)
+        work = torch.empty(work_bytes, dtype=torch.uint8, device=x_keep.device)
         code = self.lib.ipcv_neighbor_index(
             x_keep.data_ptr(), x_drop.data_ptr(), dtype, batch, kept, dropped, width,
             num_neighbors, nbr.data_ptr(), work.data_ptr(), self._stream(),
@@ -182,7 +210,7 @@ class CudaKernels:
         keep_idx: torch.Tensor,
         drop_idx: torch.Tensor,
     ) -> torch.Tensor:
-        """``ops.neighbor_reconstruct`` on the GPU."""
+        """``ops.neighbor_reconstruct`` through the C API."""
         dtype = self._float(x_keep, x0_keep, x0_drop)
         tensors = [t.contiguous() for t in (x_keep, x0_keep, x0_drop, nbr, keep_idx, drop_idx)]
         batch, kept, width = x_keep.shape

@@ -1,6 +1,7 @@
 """Run a built engine behind the ``VisionBackend`` interface.
 
-``execute_async_v3`` on torch CUDA tensors, on torch's current stream.
+``execute_async_v3`` on torch CUDA tensors, on torch's current stream; the outputs stay on
+the GPU as torch CUDA tensors (``to_host=True`` copies them to the CPU).
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ def check_engine_fits(manifest: dict, tensorrt_version: str, sm: str, engine_dir
 
 
 class TrtBackend:
-    """A deserialized engine; takes CUDA (or CPU) pixels, returns outputs by name on the CPU."""
+    """A deserialized engine; takes CUDA (or CPU) pixels, returns outputs by name.
+
+    Args:
+        engine_dir: directory written by ``ipcv-export build``.
+        to_host: copy the outputs to the CPU (default: they stay on the CUDA device).
+    """
 
     name = "tensorrt"
 
-    def __init__(self, engine_dir: Path) -> None:
+    def __init__(self, engine_dir: Path, to_host: bool = False) -> None:
         manifest = read_engine_manifest(engine_dir)
         if manifest is None:
             raise ArtifactError(f"{engine_dir} holds no engine; build one with `ipcv-export build`")
@@ -51,6 +57,7 @@ class TrtBackend:
             raise ArtifactError(f"TensorRT could not deserialize {engine_dir / ENGINE_FILE}")
         self.context = self.engine.create_execution_context()
         self.manifest = manifest
+        self.to_host = to_host
         self.input = manifest["inputs"][0]
         self.output_names = tuple(o["name"] for o in manifest["outputs"])
         self._dtypes = {
@@ -68,7 +75,7 @@ class TrtBackend:
             raise InputError(
                 f"pixels {tuple(pixels.shape)} do not fit this engine ([batch, {want}])"
             )
-        device = torch.device("cuda")
+        device = torch.device("cuda", torch.cuda.current_device())
         feed = pixels.to(device, _TORCH_DTYPES[self.input["dtype"]]).contiguous()
         self.context.set_input_shape(self.input["name"], tuple(feed.shape))
         self.context.set_tensor_address(self.input["name"], feed.data_ptr())
@@ -82,4 +89,6 @@ class TrtBackend:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise ArtifactError("TensorRT execution failed (see the TensorRT log)")
         stream.synchronize()
-        return {name: value.cpu() for name, value in outputs.items()}
+        if self.to_host:
+            return {name: value.cpu() for name, value in outputs.items()}
+        return outputs

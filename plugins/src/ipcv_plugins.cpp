@@ -4,7 +4,9 @@
 // ipcv-deploy export (plugin_version / plugin_namespace attributes); the ONNX parser finds the
 // creators through getCreators() when the library is loaded (IPluginRegistry::loadLibrary,
 // trtexec --dynamicPlugins). Output shapes are symbolic in the batch and come from the static
-// kept count; the kernels (src/*.cu) compute scores and distances in fp32 for any I/O type.
+// kept count; the kernels (ipcv_deploy.kernels, Triton, compiled ahead of time and launched
+// through the C API of ipcv_kernels.h) compute scores and distances in fp32 for any I/O type.
+// enqueue returns the launcher's IpcvStatus (non-zero: TensorRT reports the failure).
 #include <NvInferRuntime.h>
 
 #include <cstdint>
@@ -216,6 +218,10 @@ class IpcvPluginCreator : public IPluginCreatorV3One {
       }
       if (!found) return nullptr;
     }
+    for (auto const& a : attrs) {
+      bool const neighbors = std::strcmp(a.name, "num_neighbors") == 0;
+      if (neighbors ? (a.value < 1 || a.value > IPCV_MAX_NEIGHBORS) : a.value < 0) return nullptr;
+    }
     return new (std::nothrow) IpcvPlugin(mOp, std::move(attrs));
   }
 
@@ -229,10 +235,11 @@ class IpcvPluginCreator : public IPluginCreatorV3One {
 
 extern "C" {
 
-// Entry points TensorRT looks up in a plugin library loaded by path.
-TENSORRTAPI void setLoggerFinder(nvinfer1::ILoggerFinder*) {}
+// Entry points TensorRT looks up in a plugin library loaded by path (exported: the library is
+// built with hidden visibility).
+IPCV_API TENSORRTAPI void setLoggerFinder(nvinfer1::ILoggerFinder*) {}
 
-TENSORRTAPI nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
+IPCV_API TENSORRTAPI nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
   static ipcv_trt::IpcvPluginCreator tokenSelect(ipcv_trt::kTokenSelect);
   static ipcv_trt::IpcvPluginCreator neighborIndex(ipcv_trt::kNeighborIndex);
   static ipcv_trt::IpcvPluginCreator neighborReconstruct(ipcv_trt::kNeighborReconstruct);

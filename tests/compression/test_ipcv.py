@@ -103,7 +103,11 @@ def test_kept_query_as_equals_full_query_as(tiny, selection):
         drifted = gather_tokens(h_cur, state.keep_idx) * 1.1 + 0.05  # kept tokens after some blocks
         full = state.reconstruct(drifted)
         index = config.prune_layer
-        kept_query = tiny.adapter.stabilized_block(index, full, enc, state.kept)
+        tiny.adapter.prepare(config)
+        try:
+            kept_query = tiny.adapter.stabilized_block(index, full, enc, state.kept)
+        finally:
+            tiny.adapter.release()
         everything = TokenSet(enc.segments)
         full_query = gather_tokens(tiny.adapter.block(index, full, enc, everything), state.keep_idx)
     assert_close(kept_query, full_query, what="AS block")

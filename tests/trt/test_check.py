@@ -100,6 +100,26 @@ def _k(value: int):
         ),
         (
             _graph(
+                [
+                    helper.make_node(
+                        "NeighborIndex",
+                        ["x", "x"],
+                        ["n"],
+                        name="nbr",
+                        domain="ipcv",
+                        num_neighbors=33,
+                        plugin_version="1",
+                        plugin_namespace="ipcv",
+                    )
+                ],
+                [_x(shape=(1, 40, 4))],
+                [_x("n")],
+            ),
+            "num-neighbors",
+            "error",
+        ),
+        (
+            _graph(
                 [helper.make_node("Relu", ["x"], ["y"], name="r")],
                 [_x(shape=(1, 2048, 2048))],
                 [_x("y")],

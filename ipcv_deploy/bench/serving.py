@@ -153,12 +153,16 @@ def serving_benchmark(
     max_tokens: int,
     max_batch: int,
     progress: Callable[[str], None],
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Every ``SERVING_VARIANTS`` server under every concurrency, one run, same machine."""
+    """Every ``SERVING_VARIANTS`` server under every concurrency, one run, same machine.
+
+    The servers run their model on ``device`` (``serve --device``).
+    """
     rows = []
     for variant, flags in SERVING_VARIANTS.items():
         progress(f"{model}: starting the {variant} server ...")
-        server = ServerProcess(model, *flags, "--max-batch", str(max_batch))
+        server = ServerProcess(model, *flags, "--max-batch", str(max_batch), "--device", device)
         try:
             load_test(server.url, model, 1, 1, max_tokens)  # warm-up
             for concurrency in concurrencies:
@@ -167,7 +171,7 @@ def serving_benchmark(
                 rows.append({"variant": variant, **result})
         finally:
             server.stop()
-    return {"model": model, "max_batch": max_batch, "rows": rows}
+    return {"model": model, "device": device, "max_batch": max_batch, "rows": rows}
 
 
 SERVING_HEADERS = [

@@ -281,7 +281,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     report = {
         "machine": machine_info(),
         "serve": serving_benchmark(
-            name, args.requests, args.concurrency, args.max_new_tokens, args.max_batch, progress
+            name,
+            args.requests,
+            args.concurrency,
+            args.max_new_tokens,
+            args.max_batch,
+            progress,
+            device=args.device,
         ),
     }
     out = args.out or Path("engines") / "bench" / "serve.json"

@@ -2,7 +2,9 @@
 
 ``compile_kernels`` compiles every ``AOT_VARIANTS`` entry of ``ipcv_deploy.kernels.token_select``
 and ``ipcv_deploy.kernels.neighbors`` for each target architecture, with no GPU and no CUDA
-driver (Triton's bundled ``ptxas`` for sm < 90, ``ptxas-blackwell`` for sm >= 90), and writes::
+driver (Triton's bundled CUDA 12.9 ``ptxas`` for sm < 100, so those cubins load on any CUDA 12
+driver; its CUDA 13 ``ptxas-blackwell`` for sm >= 100, whose cubins need a CUDA 13 driver),
+and writes::
 
     OUT/sm_XX/<variant>.cubin, OUT/sm_XX/<variant>.ptx   per architecture
     OUT/ipcv_kernels_aot.h, OUT/ipcv_kernels_aot.cpp     the images embedded as byte arrays
@@ -133,10 +135,15 @@ def _compile(variant: AotVariant, arch: int) -> CompiledImage:
         fn=variant.kernel, signature=dict(variant.signature), constexprs=dict(variant.constexprs)
     )
     options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
-    with triton.knobs.compilation.scope():
+    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope():
         # No line info: smaller images, and no source paths of the build machine in them.
         triton.knobs.compilation.disable_line_info = True
+        if arch < 100:
+            # Triton takes its CUDA 13 ptxas from sm_90 on; an sm_90 cubin from it would not
+            # load on the CUDA 12 drivers most H100 / H200 hosts run.
+            triton.knobs.nvidia.ptxas_blackwell = triton.knobs.nvidia.ptxas.path
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        ptxas = get_ptxas(arch).version
     meta = compiled.metadata
     unsupported = {
         "global scratch memory": meta.global_scratch_size > 0,
@@ -162,7 +169,7 @@ def _compile(variant: AotVariant, arch: int) -> CompiledImage:
         cubin=compiled.asm["cubin"],
         ptx=ptx,
         ptx_target=target.group(1) if target else "",
-        ptxas=get_ptxas(arch).version,
+        ptxas=ptxas,
     )
 
 

@@ -193,7 +193,14 @@ def test_readme_has_the_two_setup_commands():
 def test_installed_script_runs_demo(tmp_path):
     """The console script, as the README's first command uses it (without re-installing)."""
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ipcv-export"), *TINY_QWEN, "--json", "--runs", "1"],
+        [
+            str(Path(sys.executable).parent / "ipcv-export"),
+            *TINY_QWEN,
+            "--json",
+            "--runs",
+            "1",
+            "--no-export",  # test_demo_json runs the export, in process
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,

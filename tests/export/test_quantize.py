@@ -4,9 +4,11 @@ and verify against the fp32 PyTorch reference with the documented limits."""
 from __future__ import annotations
 
 import onnx
+import onnxruntime
 import pytest
 import torch
 from onnx import numpy_helper
+from packaging.version import Version
 
 from ipcv_deploy.backends.onnxruntime_backend import OrtBackend
 from ipcv_deploy.backends.verify import INT8_LIMITS, reference_encoder, verify_artifact
@@ -70,10 +72,14 @@ def test_int8_quantizes_after_the_selection_and_leaves_the_ipcv_ops_alone(export
     assert sum(n.op_type == "MatMulInteger" for n in int8.graph.node) == q["int8_matmuls"]
 
 
+@pytest.mark.skipif(
+    Version(onnxruntime.__version__) < Version("1.22"),
+    reason="onnxruntime 1.21's quantize_dynamic fails in its own shape-inference pass on this "
+    "graph (which onnx's shape inference accepts, strict too); 1.32 runs it",
+)
 def test_int8_equals_onnx_runtimes_own_quantize_dynamic(exports, tmp_path):
     """The streaming writer gives what quantize_dynamic gives: the same int8 weights and the
     same outputs, bit for bit (with the same products kept fp32)."""
-    import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from ipcv_deploy.export import register_schemas

@@ -3,7 +3,8 @@
 ``python -m ipcv_deploy.bench.gpu_check --out gpu_check.json`` (``.ci/gpu-check`` wraps it):
 
 1. the Triton kernels against the reference ops on the GPU (``tests/kernels`` with
-   ``TRITON_INTERPRET=0``);
+   ``TRITON_INTERPRET=0``), and the plugins' C launchers with the AOT cubins against both
+   (``tests/trt/test_kernels.py``);
 2. the runtime on CUDA against the CPU for every tiny preset (``tests/test_devices.py``);
 3. dense vs IPCV latency of the full-size Qwen2-VL-7B and InternViT-300M towers in PyTorch,
    fp16 and bf16, at 448x448 and about 1 MP (Qwen: one 1008x1008 image; InternViT: five
@@ -120,7 +121,10 @@ def run_gpu_check(out: Path, budget_s: float = 420.0) -> dict[str, Any]:
     }
     junit_dir = out.parent
     steps: list[tuple[str, Callable[[], Any]]] = [
-        ("kernels_vs_reference", lambda: _pytest(["tests/kernels"], junit_dir / "kernels.xml")),
+        (
+            "kernels_vs_reference",
+            lambda: _pytest(["tests/kernels", "tests/trt/test_kernels.py"], junit_dir / "k.xml"),
+        ),
         ("runtime_cuda_vs_cpu", lambda: _pytest(["tests/test_devices.py"], junit_dir / "dev.xml")),
         ("tower_latency", _latency),
         ("kernel_roofline", _kernels),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import multiprocessing
 import os
@@ -40,7 +39,6 @@ from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.kernels.variants import AotVariant
 
 __all__ = [
-    "AOT_MODULES",
     "DEFAULT_ARCHS",
     "HEADER_NAME",
     "SOURCE_NAME",
@@ -50,8 +48,6 @@ __all__ = [
     "main",
 ]
 
-#: Modules whose ``AOT_VARIANTS`` go into the plugin library, in table order.
-AOT_MODULES = ("ipcv_deploy.kernels.token_select", "ipcv_deploy.kernels.neighbors")
 #: Orin (87), Ada / L4 (89), Hopper / H100 / H200 (90), Thor (110, CUDA 13).
 DEFAULT_ARCHS = (87, 89, 90, 110)
 HEADER_NAME = "ipcv_kernels_aot.h"
@@ -86,15 +82,15 @@ class CompiledImage:
 
 
 def load_variants() -> list[AotVariant]:
-    """Every ``AOT_VARIANTS`` entry of ``AOT_MODULES``, checked.
+    """``ipcv_deploy.kernels.AOT_VARIANTS`` (both ops' modules, in table order), checked.
 
     Raises:
         ConfigError: a name is not a unique C identifier, or a signature does not list the
             kernel's non-constexpr arguments in order with known types.
     """
-    variants: list[AotVariant] = []
-    for module in AOT_MODULES:
-        variants.extend(importlib.import_module(module).AOT_VARIANTS)
+    from ipcv_deploy.kernels import AOT_VARIANTS
+
+    variants = list(AOT_VARIANTS)
     seen: set[str] = set()
     for variant in variants:
         if not _IDENTIFIER.fullmatch(variant.name) or variant.name in seen:
@@ -316,7 +312,7 @@ def compile_kernels(
         raise ConfigError(f"archs {archs}: give compute capabilities >= 75, e.g. 87 89 90 110")
     variants = load_variants()
     if not variants:
-        raise ConfigError(f"no AOT variants found in {', '.join(AOT_MODULES)}")
+        raise ConfigError("no AOT variants found in ipcv_deploy.kernels.AOT_VARIANTS")
     names = [v.name for v in variants]
     images: list[CompiledImage] = []
     with contextlib.ExitStack() as stack:

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ipcv_deploy.errors import InputError
-from ipcv_deploy.kernels.token_select import (
+from ipcv_deploy.kernels.checks import (
     FLOAT_TYPES,
     check_device,
     check_floats,

@@ -52,7 +52,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ipcv_deploy.errors import BackendUnavailableError, InputError
+from ipcv_deploy.errors import InputError
+from ipcv_deploy.kernels.checks import (
+    FLOAT_TYPES,
+    check_device,
+    check_floats,
+    check_i32,
+    check_rank,
+)
 from ipcv_deploy.kernels.variants import AotVariant
 
 __all__ = [
@@ -74,13 +81,6 @@ BLOCK_N = 1024
 CHUNK_T = 256
 #: The ``shift`` argument of the four radix passes, in launch order.
 RADIX_SHIFTS = (24, 16, 8, 0)
-#: Triton pointer type per float dtype; kernels that read floats are compiled once per entry.
-FLOAT_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-#: Offsets inside kernels are i32.
-I32_LIMIT = 2**31
-
-# triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
@@ -223,65 +223,6 @@ def _ts_write(
 def token_select_workspace_bytes(batch: int, tokens: int) -> int:
     """Bytes of the one workspace buffer of ``token_select`` (layout in the module docstring)."""
     return 4 * (batch * tokens + 1028 * batch + 2 * batch * triton.cdiv(tokens, BLOCK_N))
-
-
-def check_device(*tensors: torch.Tensor) -> None:
-    """All tensors on one CUDA device, or on the CPU under Triton's interpreter.
-
-    Raises:
-        InputError: the tensors are on different devices.
-        BackendUnavailableError: CPU tensors without ``TRITON_INTERPRET=1``.
-    """
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise InputError(f"tensors on {sorted(map(str, devices))}: move them to one device")
-    device = devices.pop()
-    if device.type == "cpu" and not INTERPRETED:
-        raise BackendUnavailableError(
-            "the ipcv Triton kernels need CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 "
-            "before triton is imported"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise BackendUnavailableError(f"the ipcv Triton kernels run on CUDA, not {device.type}")
-
-
-def check_floats(**tensors: torch.Tensor) -> torch.dtype:
-    """One float dtype (fp32/fp16/bf16) shared by all ``tensors``; returns it.
-
-    Raises:
-        InputError: another dtype, or the tensors disagree.
-    """
-    dtypes = {t.dtype for t in tensors.values()}
-    names = ", ".join(tensors)
-    if len(dtypes) != 1:
-        raise InputError(f"{names} have dtypes {sorted(map(str, dtypes))}: cast them to one")
-    dtype = dtypes.pop()
-    if dtype not in FLOAT_TYPES:
-        raise InputError(f"{names} are {dtype}: use float32, float16 or bfloat16")
-    return dtype
-
-
-def check_rank(rank: int, **tensors: torch.Tensor) -> None:
-    """Every tensor has ``rank`` dimensions.
-
-    Raises:
-        InputError: one does not.
-    """
-    for name, t in tensors.items():
-        if t.dim() != rank:
-            raise InputError(f"{name} has shape {tuple(t.shape)}: want {rank} dimensions")
-
-
-def check_i32(what: str, elements: int) -> None:
-    """``elements`` fits the kernels' i32 offsets.
-
-    Raises:
-        InputError: it does not.
-    """
-    if elements >= I32_LIMIT:
-        raise InputError(
-            f"{what} has {elements} elements, the kernels take < 2^31: split the batch"
-        )
 
 
 def token_select(

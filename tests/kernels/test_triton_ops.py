@@ -20,8 +20,8 @@ from ipcv_deploy.kernels import (
     neighbor_reconstruct,
     token_select,
 )
+from ipcv_deploy.kernels.checks import INTERPRETED
 from ipcv_deploy.kernels.neighbors import MAX_NEIGHBORS, near_tie_tolerance
-from ipcv_deploy.kernels.token_select import INTERPRETED
 from tests.cases import duplicated_kept_rows, tie_inputs
 from tests.parity import assert_close, assert_same_indices
 
@@ -235,8 +235,7 @@ def test_bad_inputs_raise_input_error(call, message):
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    # The function token_select shadows its module as an attribute of ipcv_deploy.kernels.
-    monkeypatch.setattr(sys.modules["ipcv_deploy.kernels.token_select"], "INTERPRETED", False)
+    monkeypatch.setattr(sys.modules["ipcv_deploy.kernels.checks"], "INTERPRETED", False)
     h = torch.zeros(1, 8, 4)
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
         token_select(h, h, 3)

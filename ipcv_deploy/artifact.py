@@ -88,6 +88,10 @@ class Manifest:
         producer: package versions that wrote the artifact.
         quantization: how the weights were quantized (``export/quantize.py``), ``None`` for
             float weights.
+        native: for a native-resolution export, the patch tokens per image it takes
+            (``min_tokens`` / ``max_tokens``, and in pixels), ``patch_size``, ``merge_size``;
+            ``image_size`` and the per-image counts are then those of the example size.
+            ``None`` for a fixed-size export.
     """
 
     family: str
@@ -112,6 +116,7 @@ class Manifest:
     manifest_version: int = MANIFEST_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
+    native: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -138,7 +143,7 @@ class Manifest:
                 f"implements version {OPSET_VERSION}; upgrade ipcv-deploy or re-export the model"
             )
         names = {f.name for f in fields(cls)}
-        optional = ("format", "extra", "quantization")
+        optional = ("format", "extra", "quantization", "native")
         missing = sorted(n for n in names - set(data) if n not in optional)
         if missing or set(data) - names:
             raise ArtifactError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
 from typing import Any, Literal
 
 from ipcv_deploy.errors import ConfigError
@@ -100,13 +101,29 @@ class IPCVConfig:
         """First block after the Attention Stabilization window (at most the depth)."""
         return self.prune_layer + self.as_layers
 
-    def kept_count(self, num_tokens: int, num_prefix: int = 0) -> int:
-        """Tokens kept out of ``num_tokens``: prefix (CLS) tokens plus ``int(rest * keep_ratio)``.
+    @property
+    def keep_fraction(self) -> tuple[int, int]:
+        """``keep_ratio`` as an exact fraction (numerator, denominator <= 10000), e.g. (7, 20).
 
-        At least one non-prefix token is kept, and never more than there are.
+        Kept counts are ``floor(rest * numerator / denominator)`` in integers, the same in
+        Python, traced graphs, ONNX bodies and TensorRT shape expressions.
+        """
+        fraction = Fraction(repr(self.keep_ratio)).limit_denominator(10_000)
+        return fraction.numerator, fraction.denominator
+
+    def kept_count(self, num_tokens: Any, num_prefix: int = 0) -> Any:
+        """Tokens kept out of ``num_tokens``: prefix (CLS) tokens plus ``floor(rest * keep)``.
+
+        At least one non-prefix token is kept, and never more than there are. A symbolic
+        token count (``torch.SymInt``, a native-resolution export) gives the unclamped
+        expression; the export's token range keeps it inside those bounds.
         """
         rest = num_tokens - num_prefix
-        return num_prefix + min(rest, max(1, int(rest * self.keep_ratio)))
+        num, den = self.keep_fraction
+        share = rest * num // den
+        if not isinstance(share, int):
+            return num_prefix + share
+        return num_prefix + min(rest, max(1, share))
 
     def check_depth(self, depth: int) -> None:
         """Check that K and the AS window fit an encoder of ``depth`` blocks.

@@ -27,6 +27,9 @@ hf_logging.set_verbosity_error()
 TINY = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl", "tiny-llava", "tiny-paligemma")
 #: Presets whose towers run the tower-level tests (LLaVA-NeXT's anyres prompt is tested apart).
 TOWERS = (*TINY, "tiny-llava-next")
+#: The pixel range of the tests' native-resolution exports (``exports(name, **NATIVE)``):
+#: 56x56 .. 0.1 MP, 32 .. 512 patches once an image must keep k = 10 tokens.
+NATIVE_MAX_PIXELS = 512 * 14 * 14
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ipcv_deploy.artifact import Artifact
+from ipcv_deploy.backends.torch_backend import join_images, split_images
 from ipcv_deploy.errors import BackendUnavailableError, ConfigError, InputError
 from ipcv_deploy.ops import DOMAIN
 
@@ -163,6 +164,7 @@ class OrtBackend:
         self.session = ort.InferenceSession(source, options, providers=providers)
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self._input = artifact.manifest.inputs[0]
+        self._native = artifact.manifest.native
 
     def _check(self, pixels: torch.Tensor) -> None:
         want = self._input.shape[1:]
@@ -173,15 +175,41 @@ class OrtBackend:
                 f"{self.artifact.manifest.image_size[1]} images); export again for another size"
             )
 
-    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the session on [B, ...] pixels; outputs by name as CPU tensors."""
-        self._check(pixels)
-        feed = np.ascontiguousarray(pixels.detach().cpu().numpy().astype(self._input.dtype))
-        outputs = self.session.run(None, {self._input.name: feed})
-        return {
-            name: torch.from_numpy(value)
-            for name, value in zip(self.output_names, outputs, strict=True)
-        }
+    def _feed(self, pixels: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(pixels.detach().cpu().numpy().astype(self._input.dtype))
+
+    def __call__(
+        self, pixels: torch.Tensor, grid: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run the session; outputs by name as CPU tensors.
+
+        Fixed size: [B, ...] pixels. Native: the processor's pixels with their grid, one
+        session run per image.
+        """
+        if self._native is None:
+            self._check(pixels)
+            outputs = self.session.run(None, {self._input.name: self._feed(pixels)})
+            return {
+                name: torch.from_numpy(value)
+                for name, value in zip(self.output_names, outputs, strict=True)
+            }
+        if grid is None:
+            raise InputError(
+                f"{self.artifact.path} is a native-resolution export: pass image_grid_thw "
+                "with the pixel_values"
+            )
+        grid_name = self.artifact.manifest.inputs[1].name
+        parts = [
+            tuple(
+                torch.from_numpy(value)
+                for value in self.session.run(
+                    None,
+                    {self._input.name: self._feed(p), grid_name: g.cpu().numpy().astype(np.int64)},
+                )
+            )
+            for p, g in split_images(pixels, grid, self._native)
+        ]
+        return join_images(self.output_names, parts)
 
     def end_profiling(self) -> str:
         """Stop the profiler; returns the JSON file it wrote."""

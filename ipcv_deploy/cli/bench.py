@@ -9,6 +9,8 @@ Default models: the full-size Qwen2-VL-7B ViT and InternViT-300M with random wei
 --ort --int8 adds the dynamic-int8 exports (int8 dense, int8 IPCV, int8-full IPCV).
 --runtime times whole answers (vision + LLM) on Qwen2-VL-2B shapes: time to first token and
 decode tokens/s for dense, IPCV, DART, IPCV + DART and TokenCarve.
+--native exports dense and IPCV at native resolution and times both at several image grids
+(448x448, 16:9, ~1 MP); --plot PNG draws speed-up and FLOP ratio against image size.
 --serve loads `ipcv-export serve` on loopback (dense vs IPCV + DART): requests/s, TTFT.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 
 from ipcv_deploy.bench.flops import FLOPS_HEADERS, flops_report, flops_table
 from ipcv_deploy.bench.latency import LATENCY_GOAL, LATENCY_HEADERS, latency_table, torch_latency
+from ipcv_deploy.bench.native import NATIVE_GRIDS, parse_grid
 from ipcv_deploy.bench.onnxruntime import (
     EXPORT_RSS_GOAL_GB,
     INT8_HEADERS,
@@ -47,6 +50,7 @@ from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.fileio import write_json
 from ipcv_deploy.models import (
     BENCHMARK_PRESETS,
+    NATIVE_BENCHMARK_PRESETS,
     RUNTIME_BENCHMARK_PRESET,
     SERVE_BENCHMARK_PRESET,
     load_model,
@@ -62,6 +66,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ort", action="store_true", help="export, then ONNX Runtime latency, dense vs IPCV"
+    )
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="native-resolution exports on ONNX Runtime CPU, dense vs IPCV at each of --grids "
+        "(default models qwen2-vl-7b-vit, qwen2.5-vl-7b-vit)",
+    )
+    parser.add_argument(
+        "--grids",
+        nargs="+",
+        default=[f"{h}x{w}" for h, w in NATIVE_GRIDS],
+        help="patch grids (rows x columns) for --native (default: 448x448, 16:9 1288x728, "
+        "1008x1008)",
+    )
+    parser.add_argument(
+        "--plot", type=Path, help="with --native: draw speed-up and FLOP ratio to this PNG"
     )
     parser.add_argument(
         "--int8",
@@ -125,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the requested benchmarks over the models."""
     if args.kernels:
         return _run_kernels(args)
+    if args.native:
+        return _run_native(args)
     if args.runtime:
         return _run_runtime(args)
     if args.serve:
@@ -218,6 +240,54 @@ def _print_ort(results: dict[str, Any], runs: int) -> None:
             f"{INT8_VS_FP32_DENSE_GOAL:g}x fp32 dense; int8 keeps the blocks before K fp32, "
             "int8-full quantizes them too)"
         )
+
+
+def _run_native(args: argparse.Namespace) -> int:
+    from ipcv_deploy.bench.native import (
+        NATIVE_HEADERS,
+        QWEN2_SPEEDUP_GOAL,
+        QWEN25_FLOP_GOAL,
+        native_latency,
+        native_table,
+    )
+
+    require_at_least("--runs", args.runs, 1)
+    grids = tuple(parse_grid(g) for g in args.grids)
+    names = args.models or ([args.model] if args.model else list(NATIVE_BENCHMARK_PRESETS))
+    out = args.out or Path("engines") / "bench" / "native.json"
+    results: dict[str, Any] = {"machine": machine_info(), "native": []}
+    for name in names:
+        loaded = load_model(name, seed=args.seed, weights=False)
+        if not loaded.adapter.native_resolution:
+            raise ConfigError(f"--native needs a Qwen2-VL / Qwen2.5-VL model, not {name}")
+        config = ipcv_config(args, loaded.adapter)
+        del loaded
+        results["native"].append(
+            native_latency(name, config, grids, args.workdir, args.runs, args.threads, args.seed)
+        )
+        write_json(out, results)  # after each model: a later model's failure keeps these
+    write_json(out, results)
+    if args.plot:
+        from ipcv_deploy.bench.plot import plot_native
+
+        plot_native(results, args.plot)
+    if args.json:
+        print_json(results)
+        return 0
+    m = results["machine"]
+    print(
+        f"Native resolution, ONNX Runtime CPU, {m['cpu']}, {results['native'][0]['threads']} "
+        f"threads, one image per call; median of {args.runs} runs"
+    )
+    print(format_table(NATIVE_HEADERS, native_table(results["native"])))
+    print(
+        f"(goals: Qwen2-VL IPCV >= {QWEN2_SPEEDUP_GOAL}x dense at ~1 MP; Qwen2.5-VL IPCV below "
+        f"{QWEN25_FLOP_GOAL:.0%} of dense FLOPs at every size)"
+    )
+    if args.plot:
+        print(f"drew {args.plot}")
+    print(f"\nwrote {out}")
+    return 0
 
 
 def _run_kernels(args: argparse.Namespace) -> int:

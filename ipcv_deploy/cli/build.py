@@ -13,7 +13,7 @@ from pathlib import Path
 from ipcv_deploy.artifact import load_artifact
 from ipcv_deploy.bench.report import progress
 from ipcv_deploy.cli.options import add_output_args, print_json
-from ipcv_deploy.trt.engine import PLUGIN_LIBRARY, PRECISIONS, BatchProfile, BuildSettings
+from ipcv_deploy.trt.engine import PLUGIN_LIBRARY, PRECISIONS, BuildSettings, Profile
 
 DEFAULT_PLUGIN = Path("build") / "plugins" / PLUGIN_LIBRARY
 
@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--profile",
         action="append",
         metavar="MIN:OPT:MAX",
-        help="batch optimization profile, repeatable (default 1:1:4)",
+        help="optimization profile over dim 0 of pixel_values, repeatable: images per call "
+        "(default 1:1:4), or for a native-resolution artifact image tokens, i.e. patches per "
+        "image (default: the artifact's min:example:max tokens)",
     )
     parser.add_argument(
         "--plugin",
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     artifact = load_artifact(args.artifact, check="full")
     artifact.flavour_file("trt")
-    profiles = tuple(BatchProfile.parse(p) for p in args.profile or ["1:1:4"])
+    profiles = tuple(Profile.parse(p) for p in args.profile) if args.profile else None
     settings = BuildSettings(args.precision, profiles, args.workspace_gb)
     out = args.out or args.artifact / f"trt-{args.precision}"
     engine_dir, reused = build_engine(artifact, settings, args.plugin, out, args.force, progress)

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     require_at_least("--limit", args.limit, 1)
     items = load_items(args.data, args.limit)
     compressed = build_pipeline(args)
-    dense = VLMPipeline.create(compressed.loaded, image_size=compressed.vision.image_size)
+    size = None if compressed.vision.native else compressed.vision.image_size
+    dense = VLMPipeline.create(compressed.loaded, image_size=size)
     report = evaluate(
         {"dense": dense, "compressed": compressed}, items, sampling(args), args.batch, progress
     )

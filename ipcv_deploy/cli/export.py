@@ -2,13 +2,17 @@
 
 Writes vision.onnx (ONNX Runtime flavour: ipcv ops with standard-op function bodies),
 vision.trt.onnx (TensorRT flavour: plugin attributes, no bodies), shared external weights
-and manifest.json, atomically. Static image size, dynamic batch.
+and manifest.json, atomically. Qwen families export at native resolution by default (the
+tower's own pixel_values [num_patches, 1176] + image_grid_thw, any grid within --min-pixels /
+--max-pixels); --image-size HxW exports a static size with a dynamic batch (the only form of
+the fixed-size families, whose dynamic batch is the processor's tiles / images).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import shutil
 import time
@@ -24,6 +28,7 @@ from ipcv_deploy.cli.options import (
     ipcv_config,
     parse_image_size,
     print_json,
+    require_at_least,
 )
 from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.fileio import check_replaceable
@@ -59,7 +64,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--return-indices", action="store_true", help="also output the kept indices [B, P]"
     )
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    native = parser.add_argument_group("native resolution (Qwen2-VL, Qwen2.5-VL)")
+    native.add_argument(
+        "--min-pixels",
+        type=int,
+        help="smallest image (H*W) the export takes (default: the checkpoint processor's "
+        f"min_pixels, else {QWEN_MIN_PIXELS})",
+    )
+    native.add_argument(
+        "--max-pixels",
+        type=int,
+        help="largest image (H*W) the export takes (default: the checkpoint processor's "
+        f"max_pixels, else {QWEN_MAX_PIXELS})",
+    )
     add_output_args(parser)
+
+
+#: The Qwen2-VL / Qwen2.5-VL image processors' default pixel bounds (56x56, 3584x3584).
+QWEN_MIN_PIXELS = 56 * 56
+QWEN_MAX_PIXELS = 28 * 28 * 16384
+
+
+def _processor_pixels(model: str) -> tuple[int | None, int | None]:
+    """Min / max pixels from a checkpoint directory's ``preprocessor_config.json``."""
+    path = Path(model) / "preprocessor_config.json"
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, None
+    size = data.get("size") if isinstance(data.get("size"), dict) else {}
+    return (
+        data.get("min_pixels") or size.get("shortest_edge"),
+        data.get("max_pixels") or size.get("longest_edge"),
+    )
+
+
+def _native_range(args: argparse.Namespace, loaded: LoadedModel):
+    """The pixel range of a native export, or ``None`` for a static one.
+
+    Raises:
+        ConfigError: ``--image-size native`` or pixel bounds for a fixed-size family, or
+            bounds out of order.
+    """
+    from ipcv_deploy.export import PixelRange
+
+    wants_native = args.image_size is None or args.image_size.lower() == "native"
+    bounds = args.min_pixels is not None or args.max_pixels is not None
+    if not loaded.adapter.native_resolution:
+        if (args.image_size and args.image_size.lower() == "native") or bounds:
+            raise ConfigError(
+                f"{loaded.adapter.family} takes images of one size: native resolution "
+                "(--image-size native, --min-pixels, --max-pixels) is for Qwen2-VL / "
+                "Qwen2.5-VL; drop them (its processor's tiles are the dynamic batch)"
+            )
+        return None
+    if not wants_native:
+        if bounds:
+            raise ConfigError(
+                "--min-pixels / --max-pixels bound a native-resolution export; drop "
+                "--image-size (or pass --image-size native) to use them"
+            )
+        return None
+    low, high = _processor_pixels(args.model)
+    low = args.min_pixels or low or QWEN_MIN_PIXELS
+    high = args.max_pixels or high or QWEN_MAX_PIXELS
+    require_at_least("--min-pixels", low, 1)
+    if high < low:
+        raise ConfigError(f"--max-pixels {high} is below --min-pixels {low}; swap or widen them")
+    return PixelRange(int(low), int(high))
 
 
 def default_out(model: str, dense: bool) -> Path:
@@ -103,14 +177,20 @@ def run(args: argparse.Namespace) -> int:
         )
     progress(f"loading {args.model} ...")
     loaded = load_model(args.model, parse_dtype(args.dtype), args.seed)
-    image_size = parse_image_size(args.image_size) if args.image_size else loaded.image_size
+    native = _native_range(args, loaded)
+    static = args.image_size and native is None
+    image_size = parse_image_size(args.image_size) if static else loaded.image_size
     config = None if args.dense else ipcv_config(args, loaded.adapter)
     if args.quantize == "none":
         target = args.target or "all"
-        options = ExportOptions(image_size, config, target, args.return_indices, args.force)
+        options = ExportOptions(
+            image_size, config, target, args.return_indices, args.force, native=native
+        )
         artifact = export_encoder(loaded, options, out, progress=progress)
     else:
-        options = ExportOptions(image_size, config, "ort", args.return_indices, force=True)
+        options = ExportOptions(
+            image_size, config, "ort", args.return_indices, force=True, native=native
+        )
         artifact = _export_quantized(loaded, options, out, args.quantize, args.force)
     elapsed = time.perf_counter() - started
     if args.json:
@@ -119,6 +199,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     m = artifact.manifest
     print(f"exported {m.family} encoder to {out} in {elapsed:.1f} s")
+    if m.native:
+        n = m.native
+        print(
+            f"  native resolution: any grid of {n['min_tokens']}..{n['max_tokens']} patches "
+            f"({n['min_pixels']}..{n['max_pixels']} px, sides multiples of "
+            f"{n['patch_size'] * n['merge_size']} px), one image per call; at the example size"
+        )
     print(
         f"  {m.image_size[0]}x{m.image_size[1]}: {m.tokens_per_image} -> {m.kept_per_image} "
         f"tokens per image, {m.flops_per_image['exported'] / m.flops_per_image['dense']:.1%} "

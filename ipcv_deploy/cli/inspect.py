@@ -52,6 +52,13 @@ def run(args: argparse.Namespace) -> int:
     source = ", ".join(f"{k} {v}" for k, v in m.source.items())
     print(f"{args.artifact}: {m.family} ({m.model_type}) vision encoder, {m.dtype}")
     print(f"  source: {source}")
+    if m.native:
+        n = m.native
+        print(
+            f"  native resolution: {n['min_tokens']}..{n['max_tokens']} patches per image "
+            f"({n['min_pixels']}..{n['max_pixels']} px), one image per call; counts below at "
+            "the example size"
+        )
     print(f"  image: {m.image_size[0]}x{m.image_size[1]}, {m.tokens_per_image} tokens per image")
     if m.ipcv is None:
         print("  IPCV: none (dense export)")

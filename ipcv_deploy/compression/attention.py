@@ -15,6 +15,11 @@ def _heads_first(x: torch.Tensor, segment: int) -> torch.Tensor:
     return x.reshape(-1, segment, x.shape[-2], x.shape[-1]).transpose(1, 2)
 
 
+def _uniform(lengths: Sequence[int]) -> bool:
+    # One segment needs no comparison (its length may be symbolic, a native-resolution export).
+    return len(lengths) == 1 or len(set(lengths)) == 1
+
+
 def segment_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -38,7 +43,7 @@ def segment_attention(
     Returns:
         [B, Tq, H, d] attention output, dtype of ``q``.
     """
-    if len(set(q_lengths)) == 1 and len(set(kv_lengths)) == 1:
+    if _uniform(q_lengths) and _uniform(kv_lengths):
         out = F.scaled_dot_product_attention(
             _heads_first(q, q_lengths[0]),
             _heads_first(k, kv_lengths[0]),

@@ -152,11 +152,18 @@ def _select(
         ]
     keeps, drops = [], []
     for run in _runs(groups):
+        prefix = 0 if one_topk else num_prefix
+        # A symbolic token count (native-resolution export) selects by ratio: the op derives
+        # P from N, so the graph states it as an expression of its input shape.
+        fixed = isinstance(run.keep, int)
+        keep_num, keep_den = (0, 1) if fixed else config.keep_fraction
         keep, drop = token_select(
             _segments_of(h_prev, run),
             _segments_of(h_cur, run),
-            run.keep,
-            0 if one_topk else num_prefix,
+            run.keep if fixed else prefix,
+            prefix,
+            keep_num,
+            keep_den,
         )
         keeps.append(_packed(keep, run, batch))
         drops.append(_packed(drop, run, batch))
@@ -169,6 +176,14 @@ def _select(
     image_of = torch.searchsorted(bounds, keep_idx[0], right=True)
     counts = torch.bincount(image_of, minlength=len(segments))
     return keep_idx, drop_idx, tuple(counts.tolist())
+
+
+def _neighbors(config: IPCVConfig, kept: Any) -> int:
+    """Neighbours per pruned token for a pool of ``kept`` tokens: ``min(k, P)``.
+
+    A symbolic P (native-resolution export) is at least k over the export's token range.
+    """
+    return min(config.num_neighbors, kept) if isinstance(kept, int) else config.num_neighbors
 
 
 def build_prune_state(
@@ -226,7 +241,7 @@ def build_prune_state(
                 drop_local=drop_local,
                 x0_keep=x0_keep,
                 x0_drop=x0_drop,
-                nbr=neighbor_index(x0_keep, x0_drop, min(config.num_neighbors, run.keep)),
+                nbr=neighbor_index(x0_keep, x0_drop, _neighbors(config, run.keep)),
             )
         )
         kept_start += run.rows * run.keep

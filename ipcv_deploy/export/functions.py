@@ -42,8 +42,11 @@ class _Body:
         return self.one("Constant", value_ints=value)
 
     def attr_int(self, attribute: str) -> str:
-        """A scalar int64 tensor holding the calling node's integer ``attribute``."""
-        node = helper.make_node("Constant", [], [f"{self.name}_{attribute}"], name=attribute)
+        """A scalar int64 tensor holding the calling node's integer ``attribute`` (made once)."""
+        name = f"{self.name}_{attribute}"
+        if any(name in node.output for node in self.nodes):
+            return name
+        node = helper.make_node("Constant", [], [name], name=attribute)
         # An attribute reference, built directly (helper.make_attribute_ref's arguments
         # changed across onnx releases).
         node.attribute.append(
@@ -85,7 +88,10 @@ def _token_select(opset: int) -> FunctionProto:
     pos = b.one("Range", b.const(0), b.one("Squeeze", n_1d), b.const(1))  # [N]
     prefix = b.one("Less", pos, b.attr_int("num_prefix"))
     score = b.one("Where", prefix, b.const(float("inf")), score)
-    keep_1d = b.one("Unsqueeze", b.attr_int("num_keep"), b.const([0]))
+    # P = num_keep + (N - num_prefix) * keep_num // keep_den (ops.torch_ops.kept_of)
+    share = b.one("Mul", b.one("Sub", n_1d, b.attr_int("num_prefix")), b.attr_int("keep_num"))
+    share = b.one("Div", share, b.attr_int("keep_den"))  # int64 Div truncates: share >= 0
+    keep_1d = b.one("Add", b.attr_int("num_keep"), share)
     _, top = b.op("TopK", score, keep_1d, outputs=2, axis=-1, largest=1, sorted=1)
     # Both index sets ascending: 0/1 kept flags, then the P (R) smallest of pos + N * flag.
     zeros = b.one(
@@ -115,7 +121,7 @@ def _token_select(opset: int) -> FunctionProto:
         "TokenSelect",
         ["h_prev", "h_cur"],
         ["keep_idx", "drop_idx"],
-        ["num_keep", "num_prefix"],
+        ["num_keep", "num_prefix", "keep_num", "keep_den"],
         opset,
     )
 

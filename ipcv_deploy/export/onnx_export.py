@@ -17,8 +17,9 @@ import io
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -33,7 +34,7 @@ from ipcv_deploy.artifact import (
     file_entry,
     load_artifact,
 )
-from ipcv_deploy.backends.torch_backend import PIXEL_VALUES, RowEncoder
+from ipcv_deploy.backends.torch_backend import RowEncoder
 from ipcv_deploy.compression.cost import encoder_flops
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ArtifactError, ConfigError
@@ -43,7 +44,15 @@ from ipcv_deploy.fileio import staged_directory, write_json
 from ipcv_deploy.models import ImageSize, LoadedModel
 from ipcv_deploy.ops import DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
-__all__ = ["ONNX_OPSET", "TARGETS", "ExportOptions", "export_encoder"]
+__all__ = [
+    "ONNX_OPSET",
+    "TARGETS",
+    "ExportOptions",
+    "NativeTokens",
+    "PixelRange",
+    "export_encoder",
+    "native_tokens",
+]
 
 #: Standard-domain opset of the exported graphs and of the function bodies.
 ONNX_OPSET = 18
@@ -56,11 +65,79 @@ _IR_VERSION = 10
 
 
 @dataclass(frozen=True)
+class PixelRange:
+    """The images a native-resolution export takes: ``min_pixels <= H * W <= max_pixels``.
+
+    The Qwen processors' own bounds (``smart_resize``); the export turns them into a token
+    range (``NativeTokens``), raised where a smaller image would keep fewer than k tokens.
+    """
+
+    min_pixels: int
+    max_pixels: int
+
+
+@dataclass(frozen=True)
+class NativeTokens:
+    """Patch tokens per image a native export takes (multiples of ``merge**2``); grid unit."""
+
+    min_tokens: int
+    max_tokens: int
+    patch_size: int
+    merge_size: int
+
+    @property
+    def min_pixels(self) -> int:
+        """The smallest image, in pixels."""
+        return self.min_tokens * self.patch_size**2
+
+    @property
+    def max_pixels(self) -> int:
+        """The largest image, in pixels."""
+        return self.max_tokens * self.patch_size**2
+
+    def to_dict(self) -> dict[str, int]:
+        """The manifest's ``native`` entry."""
+        return {**asdict(self), "min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+
+
+def native_tokens(encoder: RowEncoder, pixels: PixelRange) -> NativeTokens:
+    """The token range of a native export.
+
+    The pixel range in whole merge units, the lower end raised until an image keeps at least
+    k (and one) tokens.
+
+    Raises:
+        ConfigError: an empty range, or one with no image that keeps k tokens.
+    """
+    vision_cfg = encoder.vision.config
+    patch, merge = int(vision_cfg.patch_size), int(encoder.vision.spatial_merge_size)
+    unit = (patch * merge) ** 2
+    low = max(1, -(-pixels.min_pixels // unit))
+    high = pixels.max_pixels // unit
+    config = encoder.config
+    if config is not None:
+        need = max(1, config.num_neighbors)
+        while low <= high and config.kept_count(low * merge * merge) < need:
+            low += 1
+    if low > high:
+        raise ConfigError(
+            f"no image between min_pixels {pixels.min_pixels} and max_pixels "
+            f"{pixels.max_pixels} fits (one {patch * merge}x{patch * merge} px unit is {unit} "
+            "pixels; each image must keep at least --num-neighbors tokens); raise "
+            "--max-pixels or lower --num-neighbors"
+        )
+    return NativeTokens(low * merge * merge, high * merge * merge, patch, merge)
+
+
+@dataclass(frozen=True)
 class ExportOptions:
     """What to export.
 
     Attributes:
-        image_size: static (H, W) of every image.
+        image_size: static (H, W) of every image; for a native export, the size of the
+            example inputs and of the manifest's per-image counts.
+        native: a native-resolution export (Qwen) over this pixel range: the tower's own
+            ``pixel_values [num_patches, 1176]`` + ``image_grid_thw [1, 3]``, any grid.
         config: IPCV settings; ``None`` exports the dense encoder.
         target: ``ort``, ``trt`` or ``all`` (both flavours, one weights file).
         return_indices: add the kept indices [B, P] as a second output (debugging).
@@ -72,11 +149,27 @@ class ExportOptions:
     target: str = "all"
     return_indices: bool = False
     force: bool = False
+    native: PixelRange | None = None
 
 
-def _torch_export(encoder: RowEncoder, pixels: torch.Tensor, path: Path) -> None:
+def _dynamic_shapes(tokens: NativeTokens | None) -> dict[str, Any]:
+    """Row form: a dynamic batch. Native form: a dynamic token count in whole merge units."""
+    if tokens is None:
+        return {"pixels": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    per_unit = tokens.merge_size**2
+    units = torch.export.Dim(
+        "units", min=tokens.min_tokens // per_unit, max=tokens.max_tokens // per_unit
+    )
+    return {"pixels": {0: per_unit * units}, "grid": None}
+
+
+def _torch_export(
+    encoder: RowEncoder,
+    inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    tokens: NativeTokens | None,
+) -> None:
     """Trace and convert; ONNX with external weights at ``path``."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -86,12 +179,12 @@ def _torch_export(encoder: RowEncoder, pixels: torch.Tensor, path: Path) -> None
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(
                 encoder,
-                (pixels,),
+                inputs,
                 dynamo=True,
-                input_names=[PIXEL_VALUES],
+                input_names=list(encoder.input_names),
                 output_names=list(encoder.output_names),
                 opset_version=ONNX_OPSET,
-                dynamic_shapes=({0: batch},),
+                dynamic_shapes=_dynamic_shapes(tokens),
                 custom_translation_table=translation_table(),
                 optimize=True,
             )
@@ -145,9 +238,27 @@ def _normalize(model: onnx.ModelProto) -> None:
         node.name = f"ipcv_{node.op_type}_{counts[node.op_type] - 1}"
 
 
+#: Names of the dynamic dimensions of a native export's graph I/O (dim 0, dim 1 of keep_idx).
+NATIVE_DIMS = {
+    "pixel_values": (0, "num_patches"),
+    "image_embeds": (0, "num_image_tokens"),
+    "keep_idx": (1, "num_kept"),
+}
+
+
+def _name_native_dims(model: onnx.ModelProto) -> None:
+    """Readable names for the exporter's symbols (``s0``, ``4*units``) on the graph I/O."""
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name in NATIVE_DIMS:
+            axis, name = NATIVE_DIMS[value.name]
+            value.type.tensor_type.shape.dim[axis].dim_param = name
+
+
 def _io_info(values: list[onnx.ValueInfoProto]) -> tuple[TensorInfo, ...]:
     def dim(d: onnx.TensorShapeProto.Dimension) -> int | str:
-        return d.dim_value if d.HasField("dim_value") else "batch"
+        if d.HasField("dim_value"):
+            return d.dim_value
+        return d.dim_param if d.dim_param and d.dim_param != "s0" else "batch"
 
     return tuple(
         TensorInfo(
@@ -166,6 +277,7 @@ def _manifest(
     model: onnx.ModelProto,
     stage: Path,
     flavours: tuple[str, ...],
+    tokens: NativeTokens | None,
 ) -> Manifest:
     adapter, config = encoder.adapter, options.config
     shape = adapter.encoder_shape(options.image_size)
@@ -208,6 +320,7 @@ def _manifest(
             "torch": torch.__version__,
             "onnx": onnx.__version__,
         },
+        native=None if tokens is None else tokens.to_dict(),
     )
 
 
@@ -230,15 +343,26 @@ def export_encoder(
     if options.target not in TARGETS:
         raise ConfigError(f"unknown target {options.target!r}; use one of {sorted(TARGETS)}")
     flavours = TARGETS[options.target]
-    encoder = RowEncoder(loaded, options.config, options.image_size, options.return_indices)
+    native = options.native is not None
+    encoder = RowEncoder(
+        loaded, options.config, options.image_size, options.return_indices, native=native
+    )
     encoder.eval()
+    tokens = native_tokens(encoder, options.native) if options.native is not None else None
     with staged_directory(out, options.force, marker=MANIFEST_NAME) as stage:
-        progress(f"tracing {encoder.adapter.family} encoder at {options.image_size} ...")
+        what = (
+            f"native resolution, {tokens.min_tokens}..{tokens.max_tokens} patches"
+            if tokens is not None
+            else f"{options.image_size[0]}x{options.image_size[1]}"
+        )
+        progress(f"tracing {encoder.adapter.family} encoder ({what}) ...")
         traced = stage / "traced.onnx"
-        _torch_export(encoder, encoder.inputs(batch=2), traced)
+        _torch_export(encoder, encoder.inputs(batch=1 if native else 2), traced, tokens)
         base = onnx.load(str(traced), load_external_data=False)
         traced.unlink()
         _normalize(base)
+        if tokens is not None:
+            _name_native_dims(base)
         if not _ipcv_nodes(base) and options.config is not None:
             raise ArtifactError("the exported graph has no ipcv nodes; the translation failed")
         for flavour in flavours:
@@ -248,6 +372,6 @@ def export_encoder(
             onnx.save(model, str(path))
             onnx.checker.check_model(str(path), full_check=True)
         progress("hashing files ...")
-        manifest = _manifest(loaded, encoder, options, base, stage, flavours)
+        manifest = _manifest(loaded, encoder, options, base, stage, flavours, tokens)
         write_json(stage / MANIFEST_NAME, manifest.to_dict())
     return load_artifact(out, check="size")

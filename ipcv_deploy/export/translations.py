@@ -15,9 +15,15 @@ __all__ = ["translation_table"]
 _IPCV = values.Opset(DOMAIN, OPSET_VERSION)
 
 
-def _token_select(h_prev, h_cur, num_keep: int, num_prefix: int):
+def _token_select(h_prev, h_cur, num_keep: int, num_prefix: int, keep_num: int, keep_den: int):
     return _IPCV.TokenSelect(
-        h_prev, h_cur, num_keep=num_keep, num_prefix=num_prefix, _num_outputs=2
+        h_prev,
+        h_cur,
+        num_keep=num_keep,
+        num_prefix=num_prefix,
+        keep_num=keep_num,
+        keep_den=keep_den,
+        _num_outputs=2,
     )
 
 

@@ -48,6 +48,8 @@ class FamilyAdapter:
     global_topk_spans_call: ClassVar[bool] = False
     #: True when the tower's head already yields the LLM's embeddings (a merger).
     head_is_projector: ClassVar[bool] = False
+    #: True when the tower takes any image grid (Qwen): ``native_inputs`` / ``embed_native``.
+    native_resolution: ClassVar[bool] = False
 
     def __init__(self, vision: nn.Module) -> None:
         """Bind the adapter to a vision tower of this family."""
@@ -112,6 +114,15 @@ class FamilyAdapter:
 
     def embed_rows(self, pixels: torch.Tensor, context: Any) -> EncodedInput:
         """Patch-embed row-form pixels [B, ...]: every row one image, the same segments."""
+        raise NotImplementedError
+
+    # The native form (``native_resolution`` families): one image per call, any grid.
+    def native_inputs(self, grid: tuple[int, int], generator: torch.Generator) -> tuple[Any, ...]:
+        """Seeded inputs of one image of ``grid`` (patch rows, columns) in the native form."""
+        raise NotImplementedError
+
+    def embed_native(self, *inputs: torch.Tensor) -> EncodedInput:
+        """Patch-embed the native form's inputs: one image, one row."""
         raise NotImplementedError
 
     def block(

@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_PRESET",
     "DEVICES",
     "DTYPES",
+    "NATIVE_BENCHMARK_PRESETS",
     "PRESETS",
     "RUNTIME_BENCHMARK_PRESET",
     "SERVE_BENCHMARK_PRESET",
@@ -234,6 +235,8 @@ PRESETS: dict[str, ModelPreset] = {
 DEFAULT_PRESET = "small-qwen2-vl"
 #: The full-size towers ``bench`` measures when no model is named.
 BENCHMARK_PRESETS = ("qwen2-vl-7b-vit", "internvit-300m")
+#: ``bench --native``: the native-resolution towers.
+NATIVE_BENCHMARK_PRESETS = ("qwen2-vl-7b-vit", "qwen2.5-vl-7b-vit")
 #: The full model ``bench --runtime`` measures (vision + LLM) when no model is named.
 RUNTIME_BENCHMARK_PRESET = "qwen2-vl-2b"
 #: The model ``bench --serve`` serves when no model is named.

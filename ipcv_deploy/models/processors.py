@@ -44,6 +44,7 @@ __all__ = [
     "fit_processor",
     "image_rows",
     "load_processor",
+    "native_processor",
     "placeholder",
     "preset_processor",
     "tiny_tokenizer",
@@ -169,8 +170,10 @@ def tiny_tokenizer(model_type: str = "qwen2_vl") -> PreTrainedTokenizerFast:
     )
 
 
-def preset_processor(model_type: str, model_config: Any, image_size: ImageSize) -> Any:
+def preset_processor(model_type: str, model_config: Any, image_size: ImageSize | None) -> Any:
     """The family's transformers processor around ``tiny_tokenizer``, fitted to ``image_size``.
+
+    ``None``: a Qwen processor left to its own ``smart_resize``, for native resolution.
 
     Patch / merge sizes, ``image_seq_length`` and the feature selection come from
     ``model_config``, so one image gives as many placeholder tokens as the model has image
@@ -183,7 +186,7 @@ def preset_processor(model_type: str, model_config: Any, image_size: ImageSize) 
     tokenizer = tiny_tokenizer(model_type)
     template = family.template.replace("IMAGE", family.image_text)
     vision = model_config.vision_config
-    h, w = image_size
+    h, w = image_size or (448, 448)  # only the fixed-size families read it
     if model_type in _QWEN_TYPES:
         image_processor = Qwen2VLImageProcessorPil(
             patch_size=vision.patch_size,
@@ -213,11 +216,32 @@ def preset_processor(model_type: str, model_config: Any, image_size: ImageSize) 
             num_additional_image_tokens=1,
             chat_template=template,
         )
+    if image_size is None:
+        return processor
     return fit_processor(processor, model_type, image_size)
 
 
-def load_processor(loaded: LoadedModel, image_size: ImageSize) -> Any:
+def native_processor(processor: Any, pixel_range: tuple[int, int] | None) -> Any:
+    """A Qwen processor left to its own ``smart_resize``, inside ``pixel_range`` if given.
+
+    The checkpoint's min / max pixels stay unless the encoder takes less (a native artifact
+    exported for a narrower range): then the bounds are narrowed to the artifact's. Pads on
+    the left, as decoding needs. Returns ``processor`` (changed in place).
+    """
+    processor.tokenizer.padding_side = "left"
+    if pixel_range is not None:
+        images = processor.image_processor
+        size = dict(images.size or {})
+        low = max(pixel_range[0], int(size.get("shortest_edge") or 0))
+        high = min(pixel_range[1], int(size.get("longest_edge") or pixel_range[1]))
+        images.size = {"shortest_edge": low, "longest_edge": max(low, high)}
+    return processor
+
+
+def load_processor(loaded: LoadedModel, image_size: ImageSize | None) -> Any:
     """The model's processor (checkpoint directory or preset), fitted to ``image_size``.
+
+    ``None``: unfitted, for native resolution.
 
     Raises:
         UnsupportedModelError: a family without runtime support.
@@ -248,6 +272,8 @@ def load_processor(loaded: LoadedModel, image_size: ImageSize) -> Any:
             f"could not load the processor of {loaded.name}: {reason or type(err).__name__}; "
             "the directory needs the processor and tokenizer files saved with the model"
         ) from None
+    if image_size is None:
+        return processor
     return fit_processor(processor, model_type, image_size)
 
 

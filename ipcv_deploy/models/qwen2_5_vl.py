@@ -37,29 +37,31 @@ __all__ = ["Qwen25VLAdapter"]
 class _Windows(_Rope):
     """RoPE tables in window order, and where the windows and images lie in a row.
 
-    ``window_ends`` [windows] (cumulative ends, for bucketize), ``order`` (merge units in
-    window order, into raster order) and ``restore`` (window order -> raster order) are
-    non-persistent buffers like the tables.
+    ``window_ids`` (window of each token, in window order), ``order`` (merge units in window
+    order, into raster order) and ``restore`` (window order -> raster order) are
+    non-persistent buffers like the tables. ``windows`` (tokens per window) is known for a
+    fixed grid; the native form computes the ids from the grid and leaves it ``None``.
     """
 
     def __init__(
         self,
-        segments: tuple[int, ...],
+        segments: tuple[Any, ...],
         cos: torch.Tensor,
         sin: torch.Tensor,
-        windows: tuple[int, ...],
-        window_ends: torch.Tensor,
+        windows: tuple[int, ...] | None,
+        window_ids: torch.Tensor,
         order: torch.Tensor,
+        restore: torch.Tensor,
     ) -> None:
         super().__init__(segments, cos, sin)
-        self.windows = windows  # tokens per window, in order
-        self.register_buffer("window_ends", window_ends, persistent=False)
+        self.windows = windows
+        self.register_buffer("window_ids", window_ids, persistent=False)
         self.register_buffer("order", order, persistent=False)
-        self.register_buffer("restore", torch.argsort(order), persistent=False)
+        self.register_buffer("restore", restore, persistent=False)
 
     def window_of(self, index: torch.Tensor) -> torch.Tensor:
         """Window id of each token at ``index`` (any shape of in-row positions)."""
-        return torch.bucketize(index, self.window_ends, right=True)
+        return self.window_ids[index]
 
 
 @register_adapter
@@ -108,13 +110,48 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         cos, sin = vision.rotary_pos_emb(vision.patch_embed.proj.weight, position_ids)
         unit = vision.spatial_merge_size**2
         windows = tuple(int(n) for n in cu_windows.diff().tolist())
+        tokens = torch.arange(int(cu_windows[-1]), device=grid_thw.device)
         return _Windows(
             tuple(int(n) for n in cu_seqlens.diff().tolist()),
             self._to_window_order(cos, order, unit),
             self._to_window_order(sin, order, unit),
             windows=windows,
-            window_ends=cu_windows[1:].long(),
+            window_ids=torch.bucketize(tokens, cu_windows[1:].long().to(tokens.device), right=True),
             order=order,
+            restore=torch.argsort(order),
+        )
+
+    def _native_layout(self, grid_thw: torch.Tensor, tokens: Any) -> _Windows:
+        """``get_vision_window_index`` of one t=1 image in closed form (no sort, no loop).
+
+        Windows of ``s x s`` merge units go in raster order, the units of each in raster
+        order; the last window row / column may be short. A unit at (row, col) in window
+        (wi, wj) lands at ``wi*s*W + height(wi)*s*wj + (row % s)*width(wj) + col % s``, with
+        ``W`` units per grid row, ``height`` / ``width`` the window's clipped extent.
+        """
+        rope = super()._native_layout(grid_thw, tokens)
+        m, cfg = self.vision.spatial_merge_size, self.vision.config
+        s = cfg.window_size // m // self._patch
+        size = m * m
+        unit = torch.arange(tokens // size, device=grid_thw.device)
+        units_h, units_w = grid_thw[0, 1] // m, grid_thw[0, 2] // m
+        row, col = unit // units_w, unit % units_w
+        wi, wj = row // s, col // s
+        height = torch.clamp(units_h - wi * s, max=s)
+        width = torch.clamp(units_w - wj * s, max=s)
+        restore = wi * s * units_w + height * s * wj + (row % s) * width + col % s
+        window = wi * ((units_w + s - 1) // s) + wj
+        order = torch.zeros_like(restore).scatter(0, restore, unit)
+        window_ids = torch.zeros_like(window).scatter(0, restore, window)
+        size = m * m
+        return _Windows(
+            rope.segments,
+            self._to_window_order(rope.cos, order, size),
+            self._to_window_order(rope.sin, order, size),
+            windows=None,
+            window_ids=window_ids.unsqueeze(-1).expand(-1, size).reshape(-1),
+            order=order,
+            restore=restore,
         )
 
     @staticmethod
@@ -129,6 +166,13 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     ) -> EncodedInput:
         """Patch embedding in window order, RoPE tables, windows and one segment per image."""
         enc = super().embed(hidden_states, grid_thw, **kwargs)
+        unit = self.vision.spatial_merge_size**2
+        enc.tokens = self._to_window_order(enc.tokens, enc.context.order, unit)
+        return enc
+
+    def embed_native(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> EncodedInput:
+        """Patch-embed one image's patches, then put them in window order."""
+        enc = super().embed_native(pixels, grid_thw)
         unit = self.vision.spatial_merge_size**2
         enc.tokens = self._to_window_order(enc.tokens, enc.context.order, unit)
         return enc
@@ -157,7 +201,8 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         if not self._windowed(index):
             return super()._attend(index, q, k, v, enc, q_tokens, k_tokens)
         windows: _Windows = enc.context
-        if q_tokens.index is None and k_tokens.index is None:
+        dense = q_tokens.index is None and k_tokens.index is None
+        if dense and windows.windows is not None:
             return segment_attention(q, k, v, windows.windows, windows.windows)
 
         def ids(tokens: TokenSet, count: int) -> torch.Tensor:

@@ -77,6 +77,7 @@ class Qwen2VLAdapter(FamilyAdapter):
     vision_class_names = ("Qwen2VisionTransformerPretrainedModel",)
     num_prefix_tokens = 0
     global_topk_spans_call = True
+    native_resolution = True
     head_is_projector = True
     reference = IPCVConfig(prune_layer=3, keep_ratio=0.35, as_layers=7, num_neighbors=10)
     full_model_class = Qwen2VLForConditionalGeneration
@@ -167,6 +168,35 @@ class Qwen2VLAdapter(FamilyAdapter):
         cu_seqlens = get_vision_cu_seqlens(grid_thw, kwargs=kwargs)
         cos, sin = vision.rotary_pos_emb(vision.patch_embed.proj.weight, position_ids)
         return _Rope(tuple(int(n) for n in cu_seqlens.diff().tolist()), cos, sin)
+
+    # The native form (what a native-resolution export traces): one image per call at any
+    # grid, ``pixel_values [h*w, C*t*p*p]`` + ``image_grid_thw [1, 3]`` as the processor makes
+    # them; positions come from the grid as tensor arithmetic, so the graph has no
+    # data-dependent shape and the token count is its one dynamic dimension.
+    def native_inputs(
+        self, grid: tuple[int, int], generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seeded ``pixel_values`` [h*w, C*t*p*p] and ``image_grid_thw`` [[1, h, w]]."""
+        h, w = grid
+        (pixels,), kwargs = self.example_inputs((h * self._patch, w * self._patch), 1, generator)
+        return pixels, kwargs["grid_thw"]
+
+    def embed_native(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> EncodedInput:
+        """Patch-embed one image's patches [N, C*t*p*p]; RoPE tables from ``grid_thw`` [1, 3]."""
+        layout = self._native_layout(grid_thw, pixels.shape[0])
+        tokens = self.vision.patch_embed(pixels)
+        return EncodedInput(tokens.unsqueeze(0), layout.segments, layout)
+
+    def _native_layout(self, grid_thw: torch.Tensor, tokens: Any) -> _Rope:
+        """``get_vision_position_ids`` of one t=1 image, as arithmetic on the token index."""
+        m = self.vision.spatial_merge_size
+        index = torch.arange(tokens, device=grid_thw.device)
+        unit, place = index // (m * m), index % (m * m)
+        units_w = grid_thw[0, 2] // m
+        row, col = unit // units_w, unit % units_w
+        position_ids = torch.stack([row * m + place // m, col * m + place % m], dim=-1)
+        cos, sin = self.vision.rotary_pos_emb(self.vision.patch_embed.proj.weight, position_ids)
+        return _Rope((tokens,), cos, sin)
 
     def row_context(self, image_size: ImageSize) -> _Rope:
         """Segments and RoPE tables of one image of ``image_size``, computed once per export.

@@ -83,8 +83,19 @@ TOKEN_SELECT = OpSpec(
         TensorSpec("drop_idx", "int64", ("B", "R"), "pruned token indices, ascending"),
     ),
     attributes=(
-        AttrSpec("num_keep", 1, "P, tokens kept per row (prefix tokens included)"),
+        AttrSpec(
+            "num_keep",
+            1,
+            "P, tokens kept per row (prefix tokens included); with keep_num > 0 its fixed part",
+        ),
         AttrSpec("num_prefix", 0, "leading tokens of each row always kept (CLS)"),
+        AttrSpec(
+            "keep_num",
+            0,
+            "P = num_keep + (N - num_prefix) * keep_num // keep_den, for "
+            "a token count N known only at run time; 0: P = num_keep",
+        ),
+        AttrSpec("keep_den", 1, "denominator of keep_num"),
     ),
     doc="fp32 score ||h_cur - h_prev||_2 per token, top-P (prefix forced; ties: lower index; "
     "NaN as -inf), both sets sorted.",

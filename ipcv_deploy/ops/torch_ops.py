@@ -13,13 +13,30 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["neighbor_index", "neighbor_reconstruct", "token_select"]
+__all__ = ["kept_of", "neighbor_index", "neighbor_reconstruct", "token_select"]
+
+
+def kept_of(num_tokens, num_keep, num_prefix, keep_num, keep_den):
+    """P of a TokenSelect: ``num_keep + (N - num_prefix) * keep_num // keep_den``.
+
+    A fixed kept count is ``keep_num = 0``; a kept count that follows a dynamic token count N
+    (native resolution) is ``num_keep = num_prefix`` and the keep ratio as ``keep_num /
+    keep_den``: an integer expression of N, so TensorRT plugins state it with ``IExprBuilder``
+    and SymInts trace it. Works on ints and ``torch.SymInt``.
+    """
+    return num_keep + (num_tokens - num_prefix) * keep_num // keep_den
 
 
 @torch.library.custom_op("ipcv::token_select", mutates_args=())
 def _token_select(
-    h_prev: torch.Tensor, h_cur: torch.Tensor, num_keep: int, num_prefix: int
+    h_prev: torch.Tensor,
+    h_cur: torch.Tensor,
+    num_keep: int,
+    num_prefix: int,
+    keep_num: int,
+    keep_den: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    num_keep = kept_of(h_cur.shape[1], num_keep, num_prefix, keep_num, keep_den)
     scores = (h_cur.float() - h_prev.float()).norm(dim=-1)  # fp32 always: fp16 reorders top-k
     scores = torch.where(scores.isnan(), float("-inf"), scores)
     if num_prefix > 0:
@@ -32,8 +49,9 @@ def _token_select(
 
 
 @_token_select.register_fake
-def _(h_prev: torch.Tensor, h_cur: torch.Tensor, num_keep: int, num_prefix: int):
+def _(h_prev, h_cur, num_keep: int, num_prefix: int, keep_num: int, keep_den: int):
     batch, num_tokens = h_cur.shape[0], h_cur.shape[1]
+    num_keep = kept_of(num_tokens, num_keep, num_prefix, keep_num, keep_den)
     return (
         h_cur.new_empty((batch, num_keep), dtype=torch.int64),
         h_cur.new_empty((batch, num_tokens - num_keep), dtype=torch.int64),
@@ -87,21 +105,30 @@ def _(x_keep, x0_keep, x0_drop, nbr, keep_idx, drop_idx):
 
 
 def token_select(
-    h_prev: torch.Tensor, h_cur: torch.Tensor, num_keep: int, num_prefix: int = 0
+    h_prev: torch.Tensor,
+    h_cur: torch.Tensor,
+    num_keep: int,
+    num_prefix: int = 0,
+    keep_num: int = 0,
+    keep_den: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select the tokens block K-1 changed most (spec section 1).
 
     Args:
         h_prev: [B, N, D] hidden states entering block K-1, any float dtype.
         h_cur: [B, N, D] hidden states entering block K.
-        num_keep: P, kept per row, prefix included (num_prefix < P <= N).
+        num_keep: P, kept per row, prefix included (num_prefix < P <= N); with ``keep_num``
+            the fixed part of P (``kept_of``).
         num_prefix: leading tokens of every row always kept (InternVL's CLS).
+        keep_num: with ``keep_den``, the share of the N - num_prefix other tokens kept on top
+            of ``num_keep`` (0: P is ``num_keep``).
+        keep_den: denominator of that share.
 
     Returns:
         ``keep_idx`` [B, P] and ``drop_idx`` [B, N - P], int64, each ascending. Among equal
         scores the lower index is kept; a NaN score counts as -inf (prefix tokens still kept).
     """
-    return torch.ops.ipcv.token_select(h_prev, h_cur, num_keep, num_prefix)
+    return torch.ops.ipcv.token_select(h_prev, h_cur, num_keep, num_prefix, keep_num, keep_den)
 
 
 def neighbor_index(x_keep: torch.Tensor, x_drop: torch.Tensor, num_neighbors: int) -> torch.Tensor:

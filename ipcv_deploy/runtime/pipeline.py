@@ -23,7 +23,12 @@ from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ConfigError, InputError
 from ipcv_deploy.hf_compat import prefill_position_ids
 from ipcv_deploy.models import LoadedModel, load_model, parse_dtype, resolve_device, synchronize
-from ipcv_deploy.models.processors import fit_processor, image_rows, load_processor
+from ipcv_deploy.models.processors import (
+    fit_processor,
+    image_rows,
+    load_processor,
+    native_processor,
+)
 from ipcv_deploy.runtime.generate import (
     Generation,
     LLMInputs,
@@ -104,7 +109,10 @@ class VLMPipeline:
         self.model = loaded.model
         self.vision = vision
         self.model_type = loaded.adapter.model_types[0]
-        self.processor = fit_processor(processor, self.model_type, vision.image_size)
+        if vision.native:
+            self.processor = native_processor(processor, vision.pixel_range)
+        else:
+            self.processor = fit_processor(processor, self.model_type, vision.image_size)
         self.llm_pruning = llm_pruning
         config = self.model.config
         self.image_token_id = int(
@@ -169,7 +177,8 @@ class VLMPipeline:
             vision = artifact_vision(
                 loaded, Path(artifact), vision_backend, threads, engine, ort_provider, plugin_lib
             )
-        return cls(loaded, vision, load_processor(loaded, vision.image_size), llm_pruning)
+        processor = load_processor(loaded, None if vision.native else vision.image_size)
+        return cls(loaded, vision, processor, llm_pruning)
 
     @property
     def device(self) -> torch.device:
@@ -236,8 +245,10 @@ class VLMPipeline:
     def _process(
         self, images: Sequence[ImageInput], prompts: Sequence[str], raw_prompt: bool
     ) -> Any:
-        height, width = self.vision.image_size
-        pil = [load_image(i).resize((width, height), Image.Resampling.BICUBIC) for i in images]
+        pil = [load_image(i) for i in images]
+        if not self.vision.native:  # one static size; native keeps the processor's own resize
+            height, width = self.vision.image_size
+            pil = [i.resize((width, height), Image.Resampling.BICUBIC) for i in pil]
         texts = [self.format_prompt(p, raw_prompt) for p in prompts]
         try:
             return self.processor(text=texts, images=pil, return_tensors="pt", padding=True)
@@ -259,8 +270,15 @@ class VLMPipeline:
         timings = {"preprocess_s": time.perf_counter() - start}
 
         start = time.perf_counter()
-        rows = image_rows(self.model_type, batch["pixel_values"], len(images))
-        embeds = self.vision.backend(rows)["image_embeds"]
+        if self.vision.native:
+            grid = batch["image_grid_thw"]
+            embeds = self.vision.backend(batch["pixel_values"], grid)["image_embeds"]
+            merge = self.loaded.vision.spatial_merge_size**2
+            expected = (grid.prod(-1) // merge).tolist()
+        else:
+            rows = image_rows(self.model_type, batch["pixel_values"], len(images))
+            embeds = self.vision.backend(rows)["image_embeds"]
+            expected = [embeds.shape[1]] * len(images)
         synchronize(embeds.device)
         timings["vision_s"] = time.perf_counter() - start
 
@@ -268,12 +286,13 @@ class VLMPipeline:
         device = self.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         image_mask = ids == self.image_token_id
-        per_image = embeds.shape[1]
         counts = image_mask.sum(1)
-        if bool((counts != per_image).any()):
+        if counts.tolist() != expected or embeds.reshape(-1, embeds.shape[-1]).shape[0] != sum(
+            expected
+        ):
             raise InputError(
                 f"the prompts hold {counts.tolist()} image tokens but the encoder gives "
-                f"{per_image} per image; use the model's own processor and image size"
+                f"{expected}; use the model's own processor"
             )
         with torch.no_grad():
             inputs_embeds = self.model.get_input_embeddings()(ids)
@@ -311,6 +330,13 @@ class VLMPipeline:
         self, inputs: LLMInputs, gen: Generation, timings: dict[str, float]
     ) -> dict[str, Any]:
         per_image = int(inputs.image_mask[0].sum())
+        vit_input, vit_kept = self.vision.tokens_per_image, self.vision.kept_per_image
+        if self.vision.native:  # the first prompt's image, at its own grid
+            vit_input = per_image * self.loaded.vision.spatial_merge_size**2
+            ipcv = self.vision.ipcv
+            vit_kept = (
+                vit_input if ipcv is None else IPCVConfig.from_dict(ipcv).kept_count(vit_input)
+            )
         llm_kept = per_image if gen.pruning is None else int(gen.pruning.image_kept.shape[1])
         new_tokens = sum(gen.lengths)
         batch = len(gen.lengths)
@@ -326,8 +352,8 @@ class VLMPipeline:
             "batch": batch,
             "prompt_tokens_per_sample": inputs.attention_mask.sum(1).tolist(),
             "visual_tokens": {
-                "vit_input": self.vision.tokens_per_image,
-                "vit_kept": self.vision.kept_per_image,
+                "vit_input": vit_input,
+                "vit_kept": vit_kept,
                 "llm_input": per_image,
                 "llm_kept": llm_kept,
             },

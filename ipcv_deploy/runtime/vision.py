@@ -1,4 +1,8 @@
-"""The vision side of the runtime: a backend that turns row-form pixels into LLM embeddings.
+"""The vision side of the runtime: a backend that turns pixels into LLM embeddings.
+
+Qwen families run at native resolution (the processor's own ``smart_resize`` grid per image,
+``pixel_values`` + ``image_grid_thw`` as the tower takes them) unless a fixed size is asked
+for or the artifact is a fixed-size export; the other families take their fixed-size tiles.
 
 ``torch`` runs the PyTorch reference (``backends.RowEncoder``: IPCV or dense) on the loaded
 model's tower; ``ort`` and ``trt`` run an exported artifact (ONNX Runtime, or the TensorRT
@@ -28,10 +32,15 @@ class VisionEncoder:
     """A vision backend and what it does to each image.
 
     Attributes:
-        backend: row-form pixels [B, ...] -> ``image_embeds`` [B, n, H] (LLM embeddings).
-        image_size: the (H, W) every image is resized to.
-        tokens_per_image: encoder tokens per image; ``kept_per_image`` inside the IPCV blocks.
+        backend: row-form pixels [B, ...] -> ``image_embeds`` [B, n, H] (LLM embeddings);
+            native: the processor's ``pixel_values`` + ``image_grid_thw`` -> [sum n_i, H].
+        image_size: the (H, W) every image is resized to (native: the example size).
+        tokens_per_image: encoder tokens per image; ``kept_per_image`` inside the IPCV blocks
+            (native: at the example size; a run reports each call's own).
         ipcv: the IPCV settings, ``None`` when dense.
+        native: images keep their own size: the processor's ``smart_resize`` decides the
+            grid (Qwen), inside ``pixel_range`` when the encoder has one.
+        pixel_range: (min, max) pixels a native artifact takes, ``None`` for any.
     """
 
     backend: VisionBackend
@@ -39,6 +48,8 @@ class VisionEncoder:
     tokens_per_image: int
     kept_per_image: int
     ipcv: dict[str, Any] | None
+    native: bool = False
+    pixel_range: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -49,12 +60,16 @@ class VisionEncoder:
 def torch_vision(
     loaded: LoadedModel, config: IPCVConfig | None, image_size: ImageSize | None = None
 ) -> VisionEncoder:
-    """The PyTorch reference encoder (IPCV when ``config`` is given, else dense)."""
+    """The PyTorch reference encoder (IPCV when ``config`` is given, else dense).
+
+    Qwen families run at native resolution unless ``image_size`` fixes one size.
+    """
     if loaded.model is None:
         raise ConfigError(
             f"{loaded.name} is a vision tower without an LLM; `run` needs a full model"
         )
-    encoder = RowEncoder(loaded, config, image_size)
+    native = image_size is None and loaded.adapter.native_resolution
+    encoder = RowEncoder(loaded, config, image_size, native=native)
     adapter = encoder.adapter
     tokens = adapter.encoder_shape(encoder.image_size).tokens
     kept = tokens if config is None else config.kept_count(tokens, adapter.num_prefix_tokens)
@@ -64,6 +79,7 @@ def torch_vision(
         tokens,
         kept,
         None if config is None else config.to_dict(),
+        native=native,
     )
 
 
@@ -141,4 +157,13 @@ def artifact_vision(
         raise ConfigError(
             f"unknown vision backend {backend!r}; choose one of {', '.join(VISION_BACKENDS)}"
         )
-    return VisionEncoder(runner, tuple(m.image_size), m.tokens_per_image, m.kept_per_image, m.ipcv)
+    pixel_range = (m.native["min_pixels"], m.native["max_pixels"]) if m.native else None
+    return VisionEncoder(
+        runner,
+        tuple(m.image_size),
+        m.tokens_per_image,
+        m.kept_per_image,
+        m.ipcv,
+        native=m.native is not None,
+        pixel_range=pixel_range,
+    )

@@ -25,6 +25,7 @@ from ipcv_deploy.trt.engine import (
     TIMING_CACHE,
     BuildSettings,
     engine_key,
+    profiles_of,
     read_engine_manifest,
     read_platform,
     rebuild_reason,
@@ -168,7 +169,10 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         pinned = _pin_fp32(trt, network)
     source = artifact.manifest.inputs[0]
-    for profile_settings in settings.profiles:
+    profiles = profiles_of(artifact, settings)
+    for profile_settings in profiles:
+        # Dim 0 of pixel_values: the batch, or a native artifact's patch tokens per image
+        # (image_grid_thw is a static [1, 3] and needs no range).
         profile = builder.create_optimization_profile()
         profile.set_shape(source.name, *profile_settings.shapes(source.shape))
         config.add_optimization_profile(profile)
@@ -191,6 +195,7 @@ def build_engine(
                 "family": artifact.manifest.family,
                 "inputs": [asdict(t) for t in artifact.manifest.inputs],
                 "outputs": [asdict(t) for t in artifact.manifest.outputs],
+                "native": artifact.manifest.native,
                 "fp32_pinned_layers": pinned,
                 "weakly_typed": weakly_typed,
             },

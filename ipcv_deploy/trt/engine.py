@@ -21,11 +21,14 @@ __all__ = [
     "ENGINE_MANIFEST",
     "PLUGIN_LIBRARY",
     "PRECISIONS",
-    "BatchProfile",
     "BuildSettings",
     "EngineKey",
     "Platform",
+    "Profile",
+    "check_profiles",
+    "default_profiles",
     "engine_key",
+    "profiles_of",
     "read_engine_manifest",
     "read_platform",
     "rebuild_reason",
@@ -39,8 +42,13 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
-class BatchProfile:
-    """One optimization profile over the batch (images per call): min <= opt <= max."""
+class Profile:
+    """One optimization profile over dim 0 of ``pixel_values``: min <= opt <= max.
+
+    Dim 0 is the batch (images / tiles per call) of a fixed-size artifact, and the patch
+    tokens of the one image per call of a native-resolution artifact (Edge-LLM's
+    ``--minImageTokens`` / ``--maxImageTokens``).
+    """
 
     min: int
     opt: int
@@ -49,11 +57,11 @@ class BatchProfile:
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.opt <= self.max:
             raise ConfigError(
-                f"batch profile needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}"
+                f"profile needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}"
             )
 
     @classmethod
-    def parse(cls, text: str) -> BatchProfile:
+    def parse(cls, text: str) -> Profile:
         """``"1:4:8"`` (min:opt:max) or ``"4"`` (1:4:4)."""
         try:
             parts = [int(p) for p in text.split(":")]
@@ -62,13 +70,47 @@ class BatchProfile:
         if len(parts) == 1:
             return cls(1, parts[0], parts[0])
         if len(parts) != 3:
-            raise ConfigError(f"batch profile must look like 1:4:8 (min:opt:max), got {text!r}")
+            raise ConfigError(f"profile must look like 1:4:8 (min:opt:max), got {text!r}")
         return cls(*parts)
 
     def shapes(self, input_shape: tuple[int | str, ...]) -> tuple[tuple[int, ...], ...]:
-        """(min, opt, max) input shapes: the manifest's shape with each batch size."""
+        """(min, opt, max) input shapes: the manifest's shape with each dim-0 size."""
         rest = tuple(int(d) for d in input_shape[1:])
         return tuple((b, *rest) for b in (self.min, self.opt, self.max))
+
+    def fits(self, size: int) -> bool:
+        """Whether a call with dim 0 of ``size`` runs in this profile."""
+        return self.min <= size <= self.max
+
+
+def default_profiles(native: dict[str, int] | None, example_tokens: int) -> tuple[Profile, ...]:
+    """The profiles a build uses unless told: batch 1:1:4 for a fixed size.
+
+    Native: the artifact's whole token range, tuned at the example size's tokens (clamped).
+    """
+    if native is None:
+        return (Profile(1, 1, 4),)
+    low, high = native["min_tokens"], native["max_tokens"]
+    return (Profile(low, min(max(example_tokens, low), high), high),)
+
+
+def check_profiles(profiles: tuple[Profile, ...], native: dict[str, int] | None) -> None:
+    """Native artifacts: every profile inside the token range, in whole merge units.
+
+    Raises:
+        ConfigError: naming the allowed range.
+    """
+    if native is None:
+        return
+    unit = native["merge_size"] ** 2
+    low, high = native["min_tokens"], native["max_tokens"]
+    for p in profiles:
+        if p.min < low or p.max > high or any(v % unit for v in (p.min, p.opt, p.max)):
+            raise ConfigError(
+                f"profile {p.min}:{p.opt}:{p.max} is in image tokens (patches per image) for "
+                f"this native-resolution artifact: each value a multiple of {unit} within "
+                f"{low}..{high}; e.g. --profile {low}:{min(max(1024, low), high)}:{high}"
+            )
 
 
 @dataclass(frozen=True)
@@ -76,7 +118,8 @@ class BuildSettings:
     """What the user asks of a build."""
 
     precision: str = "fp16"
-    profiles: tuple[BatchProfile, ...] = (BatchProfile(1, 1, 4),)
+    #: ``None``: ``default_profiles`` of the artifact.
+    profiles: tuple[Profile, ...] | None = None
     workspace_gb: float = 4.0
 
     def __post_init__(self) -> None:
@@ -84,8 +127,8 @@ class BuildSettings:
             raise ConfigError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
-        if not self.profiles:
-            raise ConfigError("at least one batch profile is needed")
+        if self.profiles is not None and not self.profiles:
+            raise ConfigError("at least one optimization profile is needed")
 
 
 @dataclass(frozen=True)
@@ -177,6 +220,14 @@ class EngineKey:
         return asdict(self)
 
 
+def profiles_of(artifact: Artifact, settings: BuildSettings) -> tuple[Profile, ...]:
+    """The settings' profiles, or the artifact's defaults; checked against a native range."""
+    manifest = artifact.manifest
+    profiles = settings.profiles or default_profiles(manifest.native, manifest.tokens_per_image)
+    check_profiles(profiles, manifest.native)
+    return profiles
+
+
 def engine_key(
     artifact: Artifact, settings: BuildSettings, plugin: Path, platform: Platform
 ) -> EngineKey:
@@ -194,7 +245,7 @@ def engine_key(
         nvidia_driver=platform.nvidia_driver,
         l4t_release=platform.l4t_release,
         precision=settings.precision,
-        profiles=tuple((p.min, p.opt, p.max) for p in settings.profiles),
+        profiles=tuple((p.min, p.opt, p.max) for p in profiles_of(artifact, settings)),
         onnx_sha256=artifact.manifest.files[onnx_name].sha256,
         weights_sha256=artifact.manifest.files[weights[0]].sha256 if weights else "",
         plugin_sha256=sha256_of(plugin),
@@ -219,7 +270,7 @@ _LABELS = {
     "nvidia_driver": "NVIDIA driver",
     "l4t_release": "JetPack (L4T) release",
     "precision": "precision",
-    "profiles": "batch profiles",
+    "profiles": "optimization profiles",
     "onnx_sha256": "ONNX graph",
     "weights_sha256": "weights",
     "plugin_sha256": "plugin library",

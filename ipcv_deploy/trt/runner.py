@@ -1,7 +1,9 @@
 """Run a built engine behind the ``VisionBackend`` interface.
 
 ``execute_async_v3`` on torch CUDA tensors, on torch's current stream; the outputs stay on
-the GPU as torch CUDA tensors (``to_host=True`` copies them to the CPU).
+the GPU as torch CUDA tensors (``to_host=True`` copies them to the CPU). Each call runs in the
+first optimization profile that holds its size (images per call, or patches per image for a
+native-resolution engine).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from ipcv_deploy.backends.torch_backend import join_images, split_images
 from ipcv_deploy.errors import ArtifactError, InputError
 from ipcv_deploy.trt.builder import gpu_sm, import_tensorrt, load_plugin_library
-from ipcv_deploy.trt.engine import ENGINE_FILE, PLUGIN_LIBRARY, read_engine_manifest
+from ipcv_deploy.trt.engine import ENGINE_FILE, PLUGIN_LIBRARY, Profile, read_engine_manifest
 
 __all__ = ["TrtBackend", "check_engine_fits"]
 
@@ -59,6 +62,7 @@ class TrtBackend:
         self.manifest = manifest
         self.to_host = to_host
         self.input = manifest["inputs"][0]
+        self.native = manifest.get("native")
         self.output_names = tuple(o["name"] for o in manifest["outputs"])
         self._dtypes = {
             trt.float32: torch.float32,
@@ -68,24 +72,63 @@ class TrtBackend:
             trt.int32: torch.int32,
         }
 
-    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the engine on [B, ...] pixels."""
-        want = tuple(self.input["shape"][1:])
-        if tuple(pixels.shape[1:]) != want:
-            raise InputError(
-                f"pixels {tuple(pixels.shape)} do not fit this engine ([batch, {want}])"
-            )
+    def _profile(self, size: int) -> int:
+        """The first optimization profile whose range holds dim 0 = ``size``."""
+        profiles = [Profile(*p) for p in self.manifest["key"]["profiles"]]
+        for index, profile in enumerate(profiles):
+            if profile.fits(size):
+                return index
+        ranges = ", ".join(f"{p.min}..{p.max}" for p in profiles)
+        unit = "patches per image" if self.native else "images per call"
+        raise InputError(
+            f"{size} {unit} is outside every optimization profile of this engine ({ranges}); "
+            "rebuild with a --profile that covers it"
+        )
+
+    def __call__(
+        self, pixels: torch.Tensor, grid: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run the engine in the optimization profile that fits each call.
+
+        Fixed size: [B, ...] pixels. Native: the processor's pixels with their grid, one
+        execution per image.
+        """
+        if self.native is None:
+            want = tuple(self.input["shape"][1:])
+            if tuple(pixels.shape[1:]) != want:
+                raise InputError(
+                    f"pixels {tuple(pixels.shape)} do not fit this engine ([batch, {want}])"
+                )
+            return self._run({self.input["name"]: pixels})
+        if grid is None:
+            raise InputError("this engine is native-resolution: pass image_grid_thw too")
+        grid_name = self.manifest["inputs"][1]["name"]
+        parts = [
+            tuple(self._run({self.input["name"]: p, grid_name: g}).values())
+            for p, g in split_images(pixels, grid, self.native)
+        ]
+        return join_images(self.output_names, parts)
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = torch.device("cuda", torch.cuda.current_device())
-        feed = pixels.to(device, _TORCH_DTYPES[self.input["dtype"]]).contiguous()
-        self.context.set_input_shape(self.input["name"], tuple(feed.shape))
-        self.context.set_tensor_address(self.input["name"], feed.data_ptr())
+        stream = torch.cuda.current_stream()
+        pixels = feeds[self.input["name"]]
+        profile = self._profile(int(pixels.shape[0]))
+        if profile != self.context.active_optimization_profile:
+            self.context.set_optimization_profile_async(profile, stream.cuda_stream)
+        keep = []  # the device copies must live until the run ends
+        for name, value in feeds.items():
+            dtype = _TORCH_DTYPES.get(self.input["dtype"]) if name == self.input["name"] else None
+            feed = value.to(device, dtype or torch.int64).contiguous()
+            keep.append(feed)
+            self.context.set_input_shape(name, tuple(feed.shape))
+            self.context.set_tensor_address(name, feed.data_ptr())
         outputs = {}
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
             dtype = self._dtypes[self.engine.get_tensor_dtype(name)]
             outputs[name] = torch.empty(shape, dtype=dtype, device=device)
             self.context.set_tensor_address(name, outputs[name].data_ptr())
-        stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise ArtifactError("TensorRT execution failed (see the TensorRT log)")
         stream.synchronize()

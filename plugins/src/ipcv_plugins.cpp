@@ -3,8 +3,10 @@
 // Names, version ("1") and namespace ("ipcv") match the nodes of the TensorRT flavour of an
 // ipcv-deploy export (plugin_version / plugin_namespace attributes); the ONNX parser finds the
 // creators through getCreators() when the library is loaded (IPluginRegistry::loadLibrary,
-// trtexec --dynamicPlugins). Output shapes are symbolic in the batch and come from the static
-// kept count; the kernels (ipcv_deploy.kernels, Triton, compiled ahead of time and launched
+// trtexec --dynamicPlugins). Output shapes are IExprBuilder expressions of the input shapes:
+// TokenSelect keeps P = num_keep + (N - num_prefix) * keep_num / keep_den (a fixed count when
+// keep_num is 0; a share of a token count N that varies per optimization profile at native
+// resolution), never a data-dependent size; the kernels (ipcv_deploy.kernels, Triton, compiled ahead of time and launched
 // through the C API of ipcv_kernels.h) compute scores and distances in fp32 for any I/O type.
 // enqueue returns the launcher's IpcvStatus (non-zero: TensorRT reports the failure).
 #include <NvInferRuntime.h>
@@ -35,11 +37,18 @@ IpcvDType to_ipcv(DataType type) {
 
 }  // namespace
 
-// One integer attribute of an op (num_keep, num_prefix, num_neighbors).
+// One integer attribute of an op (num_keep, num_prefix, keep_num, keep_den, num_neighbors).
 struct IntAttr {
   char const* name;
   int32_t value;
 };
+
+// An attribute a node may leave out, and its value then (artifacts before keep_num existed).
+struct OptionalAttr {
+  char const* name;
+  int32_t value;
+};
+OptionalAttr const kOptional[] = {{"keep_num", 0}, {"keep_den", 1}};
 
 // What differs between the three ops; the plugin and creator classes below are shared.
 struct OpTraits {
@@ -49,7 +58,7 @@ struct OpTraits {
   std::vector<char const*> attributes;
 };
 
-OpTraits const kTokenSelect{"TokenSelect", 2, 2, {"num_keep", "num_prefix"}};
+OpTraits const kTokenSelect{"TokenSelect", 2, 2, {"num_keep", "num_prefix", "keep_num", "keep_den"}};
 OpTraits const kNeighborIndex{"NeighborIndex", 2, 1, {"num_neighbors"}};
 OpTraits const kNeighborReconstruct{"NeighborReconstruct", 6, 1, {}};
 
@@ -65,6 +74,11 @@ class IpcvPlugin : public IPluginV3,
       if (std::strcmp(a.name, name) == 0) return a.value;
     }
     return 0;
+  }
+
+  // P of TokenSelect for N tokens per row (ipcv_deploy.ops.torch_ops.kept_of).
+  int64_t kept(int64_t tokens) const {
+    return attr("num_keep") + (tokens - attr("num_prefix")) * attr("keep_num") / attr("keep_den");
   }
 
   // IPluginV3
@@ -103,7 +117,12 @@ class IpcvPlugin : public IPluginV3,
                           DimsExprs* outputs, int32_t, IExprBuilder& expr) noexcept override {
     DimsExprs const& first = inputs[0];
     if (&mOp == &kTokenSelect) {  // keep_idx [B, P], drop_idx [B, N - P]
-      auto const* kept = expr.constant(attr("num_keep"));
+      auto const* rest = expr.operation(DimensionOperation::kSUB, *first.d[1], *expr.constant(attr("num_prefix")));
+      auto const* share = expr.operation(
+          DimensionOperation::kFLOOR_DIV,
+          *expr.operation(DimensionOperation::kPROD, *rest, *expr.constant(attr("keep_num"))),
+          *expr.constant(attr("keep_den")));
+      auto const* kept = expr.operation(DimensionOperation::kSUM, *expr.constant(attr("num_keep")), *share);
       outputs[0].nbDims = outputs[1].nbDims = 2;
       outputs[0].d[0] = outputs[1].d[0] = first.d[0];
       outputs[0].d[1] = kept;
@@ -151,7 +170,7 @@ class IpcvPlugin : public IPluginV3,
     Dims const& d0 = in[0].dims;
     IpcvDType const dtype = to_ipcv(in[0].type);
     if (&mOp == &kTokenSelect) {
-      return ipcv_token_select(inputs[0], inputs[1], dtype, d0.d[0], d0.d[1], d0.d[2], attr("num_keep"),
+      return ipcv_token_select(inputs[0], inputs[1], dtype, d0.d[0], d0.d[1], d0.d[2], kept(d0.d[1]),
                                attr("num_prefix"), static_cast<int64_t*>(outputs[0]),
                                static_cast<int64_t*>(outputs[1]), workspace, stream);
     }
@@ -216,11 +235,19 @@ class IpcvPluginCreator : public IPluginCreatorV3One {
         attrs.push_back({name, value});
         found = true;
       }
+      for (auto const& optional : kOptional) {
+        if (!found && std::strcmp(optional.name, name) == 0) {
+          attrs.push_back({name, optional.value});
+          found = true;
+        }
+      }
       if (!found) return nullptr;
     }
     for (auto const& a : attrs) {
       bool const neighbors = std::strcmp(a.name, "num_neighbors") == 0;
-      if (neighbors ? (a.value < 1 || a.value > IPCV_MAX_NEIGHBORS) : a.value < 0) return nullptr;
+      bool const denominator = std::strcmp(a.name, "keep_den") == 0;
+      int32_t const low = neighbors || denominator ? 1 : 0;
+      if (a.value < low || (neighbors && a.value > IPCV_MAX_NEIGHBORS)) return nullptr;
     }
     return new (std::nothrow) IpcvPlugin(mOp, std::move(attrs));
   }

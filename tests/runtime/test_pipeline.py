@@ -19,6 +19,7 @@ from ipcv_deploy.models import load_model
 from ipcv_deploy.runtime import SamplingConfig, VLMPipeline, generate, load_image
 from ipcv_deploy.runtime.evaluate import evaluate, load_items, score_answer
 from ipcv_deploy.runtime.testcard import make_test_card
+from tests.conftest import NATIVE_MAX_PIXELS
 
 RUNTIME_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl", "tiny-llava")
 PROMPTS = ["What is this?", "Count the colour bars from left to right, please."]
@@ -82,6 +83,48 @@ def test_onnxruntime_vision_answers_like_torch(qwen_artifact: Path) -> None:
     assert a.stats["visual_tokens"] == b.stats["visual_tokens"]
 
 
+def _native_cards() -> list[Image.Image]:
+    """Two images of their own sizes (not resized): 320 and 48 patches after smart_resize."""
+    return [make_test_card(224, 280), make_test_card(90, 120)]
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_native_resolution_generates_what_the_hf_model_does(name: str) -> None:
+    """Qwen at native resolution (the default): each image at its own smart_resize grid, keep
+    1.0, token for token the transformers model's generate on the processor's outputs."""
+    loaded = load_model(name)
+    keep_all = dataclasses.replace(loaded.adapter.reference_ipcv(), keep_ratio=1.0)
+    pipeline = VLMPipeline.create(loaded, ipcv=keep_all)
+    assert pipeline.vision.native
+    images = _native_cards()
+    texts = [pipeline.format_prompt(p) for p in PROMPTS]
+    batch = pipeline.processor(text=texts, images=images, return_tensors="pt", padding=True)
+    assert batch["image_grid_thw"].tolist() == [[1, 16, 20], [1, 6, 8]]
+    ref = loaded.model.generate(**batch, max_new_tokens=6, do_sample=False)
+    ours = pipeline.run(images, PROMPTS, SamplingConfig(6))
+    assert torch.equal(ours.tokens, ref[:, batch["input_ids"].shape[1] :])
+    assert ours.stats["visual_tokens"]["vit_input"] == 320  # the first prompt's image
+
+
+def test_native_artifact_answers_like_torch(exports) -> None:
+    from ipcv_deploy.export import PixelRange
+
+    artifact = exports(
+        "tiny-qwen2-vl", native=PixelRange(56 * 56, NATIVE_MAX_PIXELS), return_indices=True
+    )
+    loaded = load_model("tiny-qwen2-vl")
+    ort = VLMPipeline.create(loaded, vision_backend="ort", artifact=artifact.path)
+    torch_ = VLMPipeline.create(loaded, ipcv=loaded.adapter.reference_ipcv())
+    assert ort.vision.native and ort.vision.pixel_range == (6272, NATIVE_MAX_PIXELS)
+    images = _native_cards()
+    a = ort.run(images, PROMPTS, SamplingConfig(6))
+    b = torch_.run(images, PROMPTS, SamplingConfig(6))
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.stats["visual_tokens"] == b.stats["visual_tokens"]
+    big = make_test_card(700, 900)  # smart_resize keeps it inside the artifact's range
+    assert ort.run([big], PROMPTS[:1], SamplingConfig(2)).stats["visual_tokens"]["vit_input"] <= 512
+
+
 def test_artifact_of_another_model_is_refused(qwen_artifact: Path) -> None:
     with pytest.raises(ArtifactError, match=r"does not belong to this model.*seed 1"):
         VLMPipeline.create(
@@ -115,14 +158,15 @@ def test_run_cli_streams_and_reports(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     assert code == 0
     assert "answer: " in out and "time to first token" in out and "KV cache" in out
-    assert "ViT 1024 -> 358 in the IPCV blocks -> 256 to the LLM -> 89 after LLM pruning" in out
+    # native resolution: the 448x336 card keeps its aspect, a 32x24 patch grid
+    assert "ViT 768 -> 268 in the IPCV blocks -> 192 to the LLM -> 67 after LLM pruning" in out
     code, out, _ = _cli(capsys, "run", "--max-new-tokens", "3", "--dense", "--json")
     report = json.loads(out)
     assert report["visual_tokens"] == {
-        "vit_input": 1024,
-        "vit_kept": 1024,
-        "llm_input": 256,
-        "llm_kept": 256,
+        "vit_input": 768,
+        "vit_kept": 768,
+        "llm_input": 192,
+        "llm_kept": 192,
     }
     assert len(report["tokens"]) <= 3 and report["ipcv"] is None
 
@@ -155,7 +199,8 @@ def test_run_cli_bad_input(
 
 def test_eval_on_a_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     loaded = load_model("tiny-qwen2-vl")
-    dense = VLMPipeline.create(loaded)
+    size = (224, 224)  # one fixed size (the native path is tested apart): known token counts
+    dense = VLMPipeline.create(loaded, image_size=size)
     cards = [make_test_card(), make_test_card(200, 300), make_test_card(90, 90)]
     questions = ["What is shown?", "Which colour is first?", "Is there a square?"]
     truth = dense.run(cards, questions, SamplingConfig(4)).answers
@@ -166,7 +211,9 @@ def test_eval_on_a_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFixture[s
         lines.append(json.dumps({"image": f"{i}.png", "question": question, "answer": answer}))
     (tmp_path / "vqa.jsonl").write_text("\n".join(lines) + "\n")
     items = load_items(tmp_path)
-    ipcv = VLMPipeline.create(loaded, ipcv=IPCVConfig(prune_layer=3, keep_ratio=0.1))
+    ipcv = VLMPipeline.create(
+        loaded, ipcv=IPCVConfig(prune_layer=3, keep_ratio=0.1), image_size=size
+    )
     variants = {"dense": dense, "ipcv": ipcv}
     report = evaluate(variants, items, SamplingConfig(4), batch_size=2)
     assert report["variants"]["dense"]["exact_match"] == pytest.approx(2 / 3)
@@ -183,6 +230,8 @@ def test_eval_on_a_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFixture[s
         str(tmp_path),
         "--model",
         "tiny-qwen2-vl",
+        "--image-size",
+        "224x224",
         "--max-new-tokens",
         "4",
         "--batch",
@@ -205,7 +254,7 @@ def test_run_and_eval_every_llm_pruning_method_on_the_default(
     default model serves them all through run and eval."""
     code, out, err = _cli(capsys, "run", "--llm-pruning", method, "--max-new-tokens", "3")
     assert code == 0, err
-    assert "ViT 1024 -> 358 in the IPCV blocks -> 256 to the LLM" in out
+    assert "ViT 768 -> 268 in the IPCV blocks -> 192 to the LLM" in out  # the card's own grid
     assert ("no LLM pruning" in out) == (method == "none")
     make_test_card().save(tmp_path / "card.png")
     line = {"image": "card.png", "question": "What is shown?", "answer": "a test card"}

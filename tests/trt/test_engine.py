@@ -14,9 +14,9 @@ from ipcv_deploy.trt.builder import load_plugin_library
 from ipcv_deploy.trt.engine import (
     ENGINE_FILE,
     ENGINE_MANIFEST,
-    BatchProfile,
     BuildSettings,
     Platform,
+    Profile,
     engine_key,
     read_engine_manifest,
     read_platform,
@@ -28,16 +28,16 @@ HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def test_batch_profiles():
-    assert BatchProfile.parse("1:4:8") == BatchProfile(1, 4, 8)
-    assert BatchProfile.parse("4") == BatchProfile(1, 4, 4)
-    assert BatchProfile(1, 2, 4).shapes(("batch", 1024, 1176)) == (
+    assert Profile.parse("1:4:8") == Profile(1, 4, 8)
+    assert Profile.parse("4") == Profile(1, 4, 4)
+    assert Profile(1, 2, 4).shapes(("batch", 1024, 1176)) == (
         (1, 1024, 1176),
         (2, 1024, 1176),
         (4, 1024, 1176),
     )
     for bad in ("0:1:2", "4:2:8", "1:2", "big"):
         with pytest.raises(ConfigError):
-            BatchProfile.parse(bad)
+            Profile.parse(bad)
     with pytest.raises(ConfigError, match=r"precision must be one of"):
         BuildSettings("int8")
 
@@ -51,7 +51,7 @@ def plugin(tmp_path):
 
 def _key(artifact, plugin, **changes):
     settings = BuildSettings(
-        changes.pop("precision", "fp16"), changes.pop("profiles", (BatchProfile(1, 1, 4),))
+        changes.pop("precision", "fp16"), changes.pop("profiles", (Profile(1, 1, 4),))
     )
     platform = Platform(changes.pop("trt", "10.13.0"), changes.pop("sm", "8.7"), "12.6", None)
     return engine_key(artifact, settings, plugin, platform)
@@ -85,7 +85,7 @@ def test_cache_is_reused_only_when_nothing_changed(ipcv_artifact, plugin, tmp_pa
         "NVIDIA driver": dataclasses.replace(key, nvidia_driver="580.65.06"),
         "JetPack (L4T) release": dataclasses.replace(key, l4t_release="R38.2.0"),
         "precision": _key(ipcv_artifact, plugin, precision="bf16"),
-        "batch profiles": _key(ipcv_artifact, plugin, profiles=(BatchProfile(1, 2, 8),)),
+        "batch profiles": _key(ipcv_artifact, plugin, profiles=(Profile(1, 2, 8),)),
         "ONNX graph": dataclasses.replace(key, onnx_sha256="0" * 64),
         "weights": dataclasses.replace(key, weights_sha256="0" * 64),
     }

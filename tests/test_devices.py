@@ -213,7 +213,7 @@ def test_encoder_on_cuda_keeps_the_cpu_tokens(name: str, strict_fp32) -> None:
     for device in ("cpu", "cuda"):
         loaded = load_model(name, seed=0, device=device)
         encoder = RowEncoder(loaded, loaded.adapter.reference_ipcv(), return_indices=True)
-        out = TorchBackend(encoder)(encoder.inputs(2, seed=1))
+        out = TorchBackend(encoder)(*encoder.inputs(2, seed=1))
         assert out["image_embeds"].device.type == device
         outputs[device] = {k: v.cpu() for k, v in out.items()}
     assert torch.equal(outputs["cpu"]["keep_idx"], outputs["cuda"]["keep_idx"])

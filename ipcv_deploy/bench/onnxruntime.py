@@ -145,7 +145,7 @@ def ort_latency(
         artifacts[variant] = load_artifact(out, check="size")
     loaded = load_model(model, seed=seed)
     torch_dense = TorchBackend(RowEncoder(loaded, None, image_size))
-    pixels = torch_dense.encoder.inputs(1, seed)
+    (pixels,) = torch_dense.encoder.inputs(1, seed)
     medians, all_runs, outputs = {}, {}, {}
     variants = {
         "torch_dense": torch_dense,

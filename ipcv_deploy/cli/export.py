@@ -32,7 +32,7 @@ from ipcv_deploy.cli.options import (
 )
 from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.fileio import check_replaceable
-from ipcv_deploy.models import LoadedModel, load_model, parse_dtype
+from ipcv_deploy.models import LoadedModel, load_model, native_families, parse_dtype
 
 if TYPE_CHECKING:  # the export package imports onnx: only when a command runs
     from ipcv_deploy.export import ExportOptions
@@ -64,25 +64,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--return-indices", action="store_true", help="also output the kept indices [B, P]"
     )
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
-    native = parser.add_argument_group("native resolution (Qwen2-VL, Qwen2.5-VL)")
+    native = parser.add_argument_group(f"native resolution ({native_families()})")
     native.add_argument(
         "--min-pixels",
         type=int,
         help="smallest image (H*W) the export takes (default: the checkpoint processor's "
-        f"min_pixels, else {QWEN_MIN_PIXELS})",
+        "min_pixels, else the family processor's default)",
     )
     native.add_argument(
         "--max-pixels",
         type=int,
         help="largest image (H*W) the export takes (default: the checkpoint processor's "
-        f"max_pixels, else {QWEN_MAX_PIXELS})",
+        "max_pixels, else the family processor's default)",
     )
     add_output_args(parser)
-
-
-#: The Qwen2-VL / Qwen2.5-VL image processors' default pixel bounds (56x56, 3584x3584).
-QWEN_MIN_PIXELS = 56 * 56
-QWEN_MAX_PIXELS = 28 * 28 * 16384
 
 
 def _processor_pixels(model: str) -> tuple[int | None, int | None]:
@@ -116,8 +111,8 @@ def _native_range(args: argparse.Namespace, loaded: LoadedModel):
         if (args.image_size and args.image_size.lower() == "native") or bounds:
             raise ConfigError(
                 f"{loaded.adapter.family} takes images of one size: native resolution "
-                "(--image-size native, --min-pixels, --max-pixels) is for Qwen2-VL / "
-                "Qwen2.5-VL; drop them (its processor's tiles are the dynamic batch)"
+                f"(--image-size native, --min-pixels, --max-pixels) is for {native_families()}; "
+                "drop them (its processor's tiles are the dynamic batch)"
             )
         return None
     if not wants_native:
@@ -128,8 +123,9 @@ def _native_range(args: argparse.Namespace, loaded: LoadedModel):
             )
         return None
     low, high = _processor_pixels(args.model)
-    low = args.min_pixels or low or QWEN_MIN_PIXELS
-    high = args.max_pixels or high or QWEN_MAX_PIXELS
+    default_low, default_high = loaded.adapter.native_pixels
+    low = args.min_pixels or low or default_low
+    high = args.max_pixels or high or default_high
     require_at_least("--min-pixels", low, 1)
     if high < low:
         raise ConfigError(f"--max-pixels {high} is below --min-pixels {low}; swap or widen them")

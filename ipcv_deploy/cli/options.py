@@ -58,7 +58,7 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = DEFAUL
     group.add_argument(
         "--image-size",
         help="HxW of each image / tile, e.g. 448x448; default: the model's (export: "
-        "'native' for Qwen2-VL / Qwen2.5-VL, any grid; HxW exports one static size)",
+        "'native', any grid, for the native-resolution families; HxW exports one size)",
     )
     group.add_argument(
         "--dtype",

@@ -12,6 +12,7 @@ from ipcv_deploy.models.base import (
     ImageSize,
     adapter_for_module,
     get_adapter,
+    native_families,
     register_adapter,
     supported_model_types,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "adapter_for_module",
     "get_adapter",
     "load_model",
+    "native_families",
     "parse_dtype",
     "register_adapter",
     "resolve_device",

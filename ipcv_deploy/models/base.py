@@ -22,6 +22,7 @@ __all__ = [
     "ImageTokens",
     "adapter_for_module",
     "get_adapter",
+    "native_families",
     "register_adapter",
     "supported_model_types",
     "tiny_text_config",
@@ -50,6 +51,8 @@ class FamilyAdapter:
     head_is_projector: ClassVar[bool] = False
     #: True when the tower takes any image grid (Qwen): ``native_inputs`` / ``embed_native``.
     native_resolution: ClassVar[bool] = False
+    #: The family processor's default (min_pixels, max_pixels) for native resolution.
+    native_pixels: ClassVar[tuple[int, int] | None] = None
 
     def __init__(self, vision: nn.Module) -> None:
         """Bind the adapter to a vision tower of this family."""
@@ -403,6 +406,12 @@ def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
 def _families() -> str:
     seen = dict.fromkeys(f"{a.family} ({', '.join(a.model_types)})" for a in ADAPTERS.values())
     return "; ".join(sorted(seen))
+
+
+def native_families() -> str:
+    """Display names of the native-resolution families, e.g. ``"Qwen2-VL / Qwen2.5-VL"``."""
+    names = dict.fromkeys(a.family for a in ADAPTERS.values() if a.native_resolution)
+    return " / ".join(names)
 
 
 def supported_model_types() -> list[str]:

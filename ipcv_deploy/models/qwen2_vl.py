@@ -78,6 +78,8 @@ class Qwen2VLAdapter(FamilyAdapter):
     num_prefix_tokens = 0
     global_topk_spans_call = True
     native_resolution = True
+    # Qwen2VLImageProcessor's defaults: 56x56 .. 3584x3584 pixels.
+    native_pixels = (56 * 56, 28 * 28 * 16384)
     head_is_projector = True
     reference = IPCVConfig(prune_layer=3, keep_ratio=0.35, as_layers=7, num_neighbors=10)
     full_model_class = Qwen2VLForConditionalGeneration

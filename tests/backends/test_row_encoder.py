@@ -22,7 +22,7 @@ def test_row_form_equals_transformers_with_and_without_ipcv(name, keep_ratio):
             **{**loaded.adapter.reference_ipcv().to_dict(), "keep_ratio": keep_ratio}
         )
     encoder = RowEncoder(loaded, config)
-    pixels = encoder.inputs(3, seed=2)
+    (pixels,) = encoder.inputs(3, seed=2)
     got = TorchBackend(encoder)(pixels)["image_embeds"]
     if config is not None:
         apply_ipcv(loaded.vision, config)
@@ -36,7 +36,7 @@ def test_row_form_equals_transformers_with_and_without_ipcv(name, keep_ratio):
 def test_rows_equal_one_image_at_a_time(name):
     loaded = load_model(name, seed=0)
     backend = TorchBackend(RowEncoder(loaded, loaded.adapter.reference_ipcv(), return_indices=True))
-    pixels = backend.encoder.inputs(3, seed=1)
+    (pixels,) = backend.encoder.inputs(3, seed=1)
     batched = backend(pixels)
     for i in range(3):
         single = backend(pixels[i : i + 1])

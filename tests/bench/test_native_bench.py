@@ -46,4 +46,4 @@ def test_plot_writes_a_png(tmp_path):
 
 def test_native_bench_refuses_a_fixed_size_model(capsys):
     assert main(["bench", "--native", "--model", "tiny-internvl"]) == 2
-    assert "needs a Qwen2-VL / Qwen2.5-VL model" in capsys.readouterr().err
+    assert "needs a native-resolution model (Qwen2-VL / Qwen2.5-VL)" in capsys.readouterr().err

@@ -112,7 +112,7 @@ def test_wrong_image_size_writes_nothing(tmp_path):
 
 
 def test_a_failing_export_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken(encoder, pixels, path):
+    def broken(encoder, inputs, path, tokens):
         path.write_bytes(b"half a graph")
         raise RuntimeError("conversion failed")
 

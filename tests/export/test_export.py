@@ -29,7 +29,7 @@ def test_export_verifies_against_pytorch(ipcv_artifact):
 def test_manifest_describes_the_graph(ipcv_artifact):
     m = ipcv_artifact.manifest
     encoder = reference_encoder(ipcv_artifact)
-    pixels = encoder.inputs(1)
+    (pixels,) = encoder.inputs(1)
     assert m.inputs[0].shape == ("batch", *pixels.shape[1:])
     with torch.no_grad():
         embeds, keep_idx = encoder(pixels)
@@ -42,7 +42,7 @@ def test_manifest_describes_the_graph(ipcv_artifact):
 
 def test_dynamic_batch_equals_per_image(ipcv_artifact):
     backend = OrtBackend(ipcv_artifact)
-    pixels = reference_encoder(ipcv_artifact).inputs(3, seed=4)
+    (pixels,) = reference_encoder(ipcv_artifact).inputs(3, seed=4)
     batched = backend(pixels)
     for i in range(3):
         single = backend(pixels[i : i + 1])
@@ -54,7 +54,7 @@ def test_dense_export_equals_dense_transformers_model(dense_artifact):
     """The dense graph against the unmodified Hugging Face tower (+ projector)."""
     assert dense_artifact.manifest.ipcv is None
     loaded = load_model(dense_artifact.manifest.source["preset"], seed=0)
-    pixels = reference_encoder(dense_artifact).inputs(2, seed=3)
+    (pixels,) = reference_encoder(dense_artifact).inputs(2, seed=3)
     got = OrtBackend(dense_artifact)(pixels)["image_embeds"]
     want = hf_image_features(loaded, pixels)
     assert_close(got, want.reshape(got.shape), rtol=1e-5, what="dense ONNX vs transformers")
@@ -96,7 +96,7 @@ def test_onnx_checker_and_shape_inference_pass(ipcv_artifact):
 
 
 def test_wrong_pixel_shape_is_refused(ipcv_artifact):
-    pixels = reference_encoder(ipcv_artifact).inputs(1)
+    (pixels,) = reference_encoder(ipcv_artifact).inputs(1)
     with pytest.raises(InputError, match=r"do not fit this artifact"):
         OrtBackend(ipcv_artifact)(pixels[:, :-4])
 

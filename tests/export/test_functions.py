@@ -62,12 +62,30 @@ def _run(session, **feeds):
     ]
 
 
-def _check_token_select(h_prev, h_cur, num_keep, num_prefix):
-    session = _session("TokenSelect", h_cur.dtype, num_keep=num_keep, num_prefix=num_prefix)
+def _check_token_select(h_prev, h_cur, num_keep, num_prefix, keep_num=0, keep_den=1):
+    session = _session(
+        "TokenSelect",
+        h_cur.dtype,
+        num_keep=num_keep,
+        num_prefix=num_prefix,
+        keep_num=keep_num,
+        keep_den=keep_den,
+    )
     keep, drop = _run(session, h_prev=h_prev, h_cur=h_cur)
-    want_keep, want_drop = token_select(h_prev, h_cur, num_keep, num_prefix)
+    want_keep, want_drop = token_select(h_prev, h_cur, num_keep, num_prefix, keep_num, keep_den)
     assert_same_indices(keep, want_keep, "keep_idx")
     assert_same_indices(drop, want_drop, "drop_idx")
+
+
+@pytest.mark.parametrize(("tokens", "num_prefix"), [(20, 0), (57, 0), (57, 1), (1025, 1)])
+def test_token_select_body_keeps_a_share_of_a_dynamic_token_count(tokens, num_prefix):
+    """The ratio form (native resolution): P = prefix + floor((N - prefix) * 7 / 20) from the
+    input's shape, in the body as in the op."""
+    gen = torch.Generator().manual_seed(tokens)
+    h_prev, h_cur = torch.randn(2, 2, tokens, 16, generator=gen)
+    _check_token_select(h_prev, h_cur, num_prefix, num_prefix, 7, 20)
+    keep, _ = token_select(h_prev, h_cur, num_prefix, num_prefix, 7, 20)
+    assert keep.shape[1] == num_prefix + (tokens - num_prefix) * 7 // 20
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -97,7 +97,7 @@ def test_int8_equals_onnx_runtimes_own_quantize_dynamic(exports, tmp_path):
         nodes_to_exclude=fp32_selection_nodes(_graph(fp32)),
         use_external_data_format=True,
     )
-    pixels = reference_encoder(fp32).inputs(2, seed=5)
+    (pixels,) = reference_encoder(fp32).inputs(2, seed=5)
     mine = OrtBackend(ours)(pixels)["image_embeds"]
     session = onnxruntime.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
     theirs = session.run(["image_embeds"], {"pixel_values": pixels.numpy()})[0]

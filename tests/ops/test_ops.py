@@ -161,7 +161,7 @@ def test_contract_torch_op_matches_spec(spec):
 def _sample(spec_name: str):
     g = _gen()
     if spec_name == "TokenSelect":
-        return (torch.randn(2, 12, 8, generator=g), torch.randn(2, 12, 8, generator=g), 5, 1)
+        return (torch.randn(2, 12, 8, generator=g), torch.randn(2, 12, 8, generator=g), 5, 1, 0, 1)
     if spec_name == "NeighborIndex":
         return (torch.randn(2, 5, 8, generator=g), torch.randn(2, 7, 8, generator=g), 3)
     keep_idx, drop_idx = token_select(*_sample("TokenSelect"))

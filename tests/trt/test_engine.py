@@ -85,7 +85,7 @@ def test_cache_is_reused_only_when_nothing_changed(ipcv_artifact, plugin, tmp_pa
         "NVIDIA driver": dataclasses.replace(key, nvidia_driver="580.65.06"),
         "JetPack (L4T) release": dataclasses.replace(key, l4t_release="R38.2.0"),
         "precision": _key(ipcv_artifact, plugin, precision="bf16"),
-        "batch profiles": _key(ipcv_artifact, plugin, profiles=(Profile(1, 2, 8),)),
+        "optimization profiles": _key(ipcv_artifact, plugin, profiles=(Profile(1, 2, 8),)),
         "ONNX graph": dataclasses.replace(key, onnx_sha256="0" * 64),
         "weights": dataclasses.replace(key, weights_sha256="0" * 64),
     }

@@ -4,7 +4,8 @@
     python export_scripts/qwen2_vl.py --model /path/to/Qwen2-VL-7B-Instruct --dtype bfloat16
 
 Prints dense vs IPCV agreement of the merger output and the answer of ``generate`` with each,
-then exports the IPCV encoder to ONNX (``--out``) and compares ONNX Runtime with PyTorch.
+then exports the IPCV encoder to ONNX at native resolution (``--out``: ``pixel_values`` +
+``image_grid_thw``, any grid) and compares ONNX Runtime with PyTorch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from ipcv_deploy import apply_ipcv, remove_ipcv
 from ipcv_deploy.backends.onnxruntime_backend import OrtBackend
-from ipcv_deploy.export import ExportOptions, export_encoder
+from ipcv_deploy.export import ExportOptions, PixelRange, export_encoder
 from ipcv_deploy.models import load_model, parse_dtype
 from ipcv_deploy.parity import compare
 
@@ -49,9 +50,12 @@ def main() -> None:
     print(f"merger output {tuple(dense.shape)}: {compare(dense, ipcv)}")
     print(f"dense generate: {dense_ids[0, len(ids) :].tolist()}")
     print(f"IPCV  generate: {ipcv_ids[0, len(ids) :].tolist()}")
-    options = ExportOptions((448, 448), loaded.adapter.reference_ipcv(), force=True)
+    # Native resolution: the graph takes the tower's own call (pixel_values + image_grid_thw)
+    # for any grid inside the processor's default pixel range.
+    native = PixelRange(*loaded.adapter.native_pixels)
+    options = ExportOptions((448, 448), loaded.adapter.reference_ipcv(), force=True, native=native)
     artifact = export_encoder(loaded, options, args.out)
-    onnx = OrtBackend(artifact)(pixels.unsqueeze(0))["image_embeds"][0]  # one image per row
+    onnx = OrtBackend(artifact)(pixels, grid)["image_embeds"]
     print(f"ONNX Runtime ({args.out}) vs PyTorch IPCV: {compare(ipcv, onnx)}")
 
 

@@ -289,7 +289,8 @@ def verify_artifact(
     else:
         model, nodes = _with_op_outputs(artifact)
         with_ops = OrtBackend(artifact, threads=threads, model=model)
-        plain = OrtBackend(artifact, threads=threads)
+        # a second session only for the call of several images (op outputs do not join)
+        plain = OrtBackend(artifact, threads=threads) if manifest.native else with_ops
     for index, (prefix, inputs) in enumerate(calls):
         recorder = _IpcvRecorder()
         with recorder:

@@ -19,6 +19,7 @@ from ipcv_deploy.bench.onnxruntime import export_in_subprocess
 from ipcv_deploy.bench.report import median_seconds, progress
 from ipcv_deploy.compression.cost import encoder_flops
 from ipcv_deploy.config import IPCVConfig
+from ipcv_deploy.errors import InputError
 from ipcv_deploy.models import NATIVE_BENCHMARK_PRESETS, load_model
 from ipcv_deploy.parity import compare
 
@@ -61,9 +62,19 @@ NATIVE_HEADERS = [
 
 
 def parse_grid(text: str) -> tuple[int, int]:
-    """``"32x32"`` -> (32, 32) patch rows x columns."""
+    """``"32x32"`` -> (32, 32) patch rows x columns.
+
+    Raises:
+        InputError: anything but positive sides that are multiples of 2 (the merge size).
+    """
     rows, _, cols = text.lower().partition("x")
-    return int(rows), int(cols or rows)
+    try:
+        grid = int(rows), int(cols or rows)
+    except ValueError:
+        grid = (0, 0)
+    if min(grid) <= 0 or grid[0] % 2 or grid[1] % 2:
+        raise InputError(f"grid must look like 32x32 (patch rows x columns, even), got {text!r}")
+    return grid
 
 
 def native_latency(
@@ -81,8 +92,10 @@ def native_latency(
         JSON-ready rows per grid: median ms, speed-up, FLOP ratio, IPCV share of dense
         FLOPs, output agreement with dense; export time and peak RSS.
     """
-    loaded = load_model(model, seed=seed, weights=False)
-    patch = int(loaded.vision.config.patch_size)
+    loaded = load_model(model, seed=seed, weights=False)  # shapes only: no weights needed
+    adapter = loaded.adapter(loaded.vision)
+    cfg = loaded.vision.config
+    patch = int(cfg.patch_size)
     largest = max(h * w for h, w in grids) * patch * patch
     smallest = min(h * w for h, w in grids) * patch * patch
     common = [
@@ -99,9 +112,6 @@ def native_latency(
         progress(f"{model}: exporting {variant} (native) to {out} ...")
         exports[variant] = export_in_subprocess([*common, *extra], out)
         backends[variant] = OrtBackend(load_artifact(out, check="size"), threads=threads)
-    loaded = load_model(model, seed=seed, weights=False)  # shapes only: no weights needed
-    adapter = loaded.adapter(loaded.vision)
-    cfg = loaded.vision.config
     patch_dim = cfg.in_channels * cfg.temporal_patch_size * patch * patch
     rows = []
     for grid in grids:

@@ -7,6 +7,7 @@ import pytest
 from ipcv_deploy.bench.native import native_table, parse_grid
 from ipcv_deploy.bench.plot import plot_native
 from ipcv_deploy.cli import main
+from ipcv_deploy.errors import InputError
 
 
 def _report() -> dict:
@@ -35,6 +36,9 @@ def test_table_rows_and_grid_parsing():
     assert rows[0][:5] == ["tiny-qwen2-vl", "16x16", "224x224", "256", "89"]
     assert rows[1][2] == "280x168" and rows[1][7] == "2.20x"
     assert parse_grid("26x46") == (26, 46) and parse_grid("32") == (32, 32)
+    for bad in ("abc", "0x32", "31x32"):
+        with pytest.raises(InputError, match="grid must look like 32x32"):
+            parse_grid(bad)
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -4,7 +4,8 @@
 ``ipcv-export`` (``ipcv_deploy.cli``) drives demo and benchmarks.
 """
 
-from ipcv_deploy.api import apply_ipcv, remove_ipcv
+from typing import Any
+
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import (
     ArtifactError,
@@ -31,3 +32,13 @@ __all__ = [
     "apply_ipcv",
     "remove_ipcv",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``apply_ipcv`` loads torch and transformers: only when used, so the torch-free parts
+    # (artifact checks, the ONNX Runtime GenAI runtime) import without them.
+    if name in ("apply_ipcv", "remove_ipcv"):
+        from ipcv_deploy import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,13 +23,17 @@ __all__ = [
     "CHECKS",
     "MANIFEST_NAME",
     "MANIFEST_VERSION",
+    "PACKAGE_NAME",
     "QUANTIZE_MODES",
     "Artifact",
     "FileEntry",
+    "GenaiPackage",
     "Manifest",
     "TensorInfo",
+    "check_files",
     "file_entry",
     "load_artifact",
+    "load_genai_package",
 ]
 
 ARTIFACT_FORMAT = "ipcv-deploy/vision-encoder"
@@ -191,6 +195,35 @@ class Artifact:
         return self.path / name
 
 
+def check_files(root: Path, files: dict[str, FileEntry], check: str) -> None:
+    """Check the files a manifest lists under ``root`` (``check`` as ``load_artifact``'s).
+
+    Raises:
+        ArtifactError: a file is missing, of another size, or does not match its stamp / hash.
+    """
+    for name, entry in files.items():
+        file = root / name
+        if not file.is_file():
+            raise ArtifactError(f"{file} is missing; the artifact is incomplete, re-export it")
+        size = file.stat().st_size
+        if size != entry.bytes:
+            raise ArtifactError(
+                f"{file} has {size} bytes but the manifest says {entry.bytes}: the file is "
+                "truncated or does not belong to this manifest; re-export the artifact"
+            )
+        full = check == "full" or (check == "stamp" and entry.stamp is None)
+        if check == "stamp" and entry.stamp is not None and stamp_of(file) != entry.stamp:
+            raise ArtifactError(
+                f"{file} does not match the stamp in its manifest: it was replaced or "
+                "modified; re-export the artifact"
+            )
+        if full and sha256_of(file) != entry.sha256:
+            raise ArtifactError(
+                f"{file} does not match the SHA-256 in its manifest: it was modified or "
+                "corrupted; re-export the artifact"
+            )
+
+
 def load_artifact(path: str | os.PathLike[str], check: str = "stamp") -> Artifact:
     """Read and check an artifact directory.
 
@@ -215,28 +248,86 @@ def load_artifact(path: str | os.PathLike[str], check: str = "stamp") -> Artifac
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{manifest_path} is not valid JSON ({err}); re-export") from None
     manifest = Manifest.from_dict(data, manifest_path)
-    for name, entry in manifest.files.items():
-        file = root / name
-        if not file.is_file():
-            raise ArtifactError(f"{file} is missing; the artifact is incomplete, re-export it")
-        size = file.stat().st_size
-        if size != entry.bytes:
-            raise ArtifactError(
-                f"{file} has {size} bytes but the manifest says {entry.bytes}: the file is "
-                "truncated or does not belong to this manifest; re-export the artifact"
-            )
-        full = check == "full" or (check == "stamp" and entry.stamp is None)
-        if check == "stamp" and entry.stamp is not None and stamp_of(file) != entry.stamp:
-            raise ArtifactError(
-                f"{file} does not match the stamp in its manifest: it was replaced or "
-                "modified; re-export the artifact"
-            )
-        if full and sha256_of(file) != entry.sha256:
-            raise ArtifactError(
-                f"{file} does not match the SHA-256 in its manifest: it was modified or "
-                "corrupted; re-export the artifact"
-            )
+    check_files(root, manifest.files, check)
     for flavour, name in manifest.flavours.items():
         if flavour not in FLAVOURS or name not in manifest.files:
             raise ArtifactError(f"{manifest_path} lists flavour {flavour!r} -> {name!r} badly")
     return Artifact(root, manifest)
+
+
+PACKAGE_NAME = "package.json"
+PACKAGE_FORMAT = "ipcv-deploy/ort-genai"
+PACKAGE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GenaiPackage:
+    """A checked ONNX Runtime GenAI package (``export --format ort-genai``).
+
+    ``package.json`` holds ``format``, ``version``, ``family``, ``model_type``, ``source``,
+    ``vision`` (the folder of the vision artifact, itself checked by its manifest), ``llm``
+    (``hidden_size``, ``num_hidden_layers``, ``vocab_size``), ``files`` (every other file:
+    size, hash, stamp) and ``producer``.
+    """
+
+    path: Path
+    data: dict[str, Any]
+    vision: Artifact
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """Where the model came from: ``{"preset", "seed"}`` or ``{"path"}``."""
+        return self.data["source"]
+
+
+def load_genai_package(path: str | os.PathLike[str], check: str = "stamp") -> GenaiPackage:
+    """Read and check an ONNX Runtime GenAI package directory.
+
+    Raises:
+        ArtifactError: not a package, malformed, newer, incomplete or modified, or its vision
+            encoder does not fit its LLM.
+    """
+    root = Path(path)
+    where = root / PACKAGE_NAME
+    if not where.is_file():
+        hint = (
+            "it is a vision-encoder artifact; write a package with `ipcv-export export "
+            "--format ort-genai`"
+            if (root / MANIFEST_NAME).is_file()
+            else "pass a directory written by `ipcv-export export --format ort-genai`"
+        )
+        raise ArtifactError(
+            f"{root} is not an ONNX Runtime GenAI package (no {PACKAGE_NAME}): {hint}"
+        )
+    try:
+        data = json.loads(where.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{where} is not valid JSON ({err}); re-export the package") from None
+    if not isinstance(data, dict) or data.get("format") != PACKAGE_FORMAT:
+        raise ArtifactError(
+            f"{where} is not an ipcv-deploy ONNX Runtime GenAI package; re-export it with "
+            "`ipcv-export export --format ort-genai`"
+        )
+    if data.get("version", 0) > PACKAGE_VERSION:
+        raise ArtifactError(
+            f"{where} has package version {data['version']}, newer than the {PACKAGE_VERSION} "
+            "this ipcv-deploy reads; upgrade ipcv-deploy or re-export"
+        )
+    required = ("family", "model_type", "source", "vision", "llm", "files")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ArtifactError(f"{where} is malformed (missing {missing}); re-export the package")
+    try:
+        files = {k: FileEntry(**v) for k, v in data["files"].items()}
+    except TypeError as err:
+        raise ArtifactError(f"{where} is malformed ({err}); re-export the package") from None
+    check_files(root, files, check)
+    vision = load_artifact(root / data["vision"], check)
+    width = vision.manifest.outputs[0].shape[-1]
+    if width != data["llm"]["hidden_size"]:
+        raise ArtifactError(
+            f"{root / data['vision']} gives {width}-wide image features but the package's LLM "
+            f"is {data['llm']['hidden_size']} wide: the vision encoder belongs to another "
+            "model; re-export the package"
+        )
+    return GenaiPackage(root, data, vision)

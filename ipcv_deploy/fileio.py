@@ -11,9 +11,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from ipcv_deploy.errors import ArtifactError
@@ -21,6 +24,7 @@ from ipcv_deploy.errors import ArtifactError
 __all__ = [
     "FILE_MODE",
     "check_replaceable",
+    "interrupts_recorded",
     "sha256_of",
     "staged_directory",
     "stamp_of",
@@ -33,6 +37,30 @@ _CHUNK = 1 << 24
 _STAMP_EDGE = 1 << 20  # bytes hashed at each end
 _STAMP_SAMPLES = 16  # evenly spaced 64 KiB samples in between
 _STAMP_SAMPLE = 1 << 16
+_INTERRUPTED = threading.Event()
+
+
+def _record_interrupt(signum: int, frame: FrameType | None) -> None:
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_recorded() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` as usual and is also recorded.
+
+    A library that catches the exception (the ONNX exporter retries failed captures) cannot
+    hide it: ``staged_directory`` refuses to commit after a recorded Ctrl-C.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _record_interrupt)
+    _INTERRUPTED.clear()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -121,6 +149,8 @@ def staged_directory(out: Path, force: bool, marker: str) -> Iterator[Path]:
     stage.mkdir()
     try:
         yield stage
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 
 # The Triton kernels run on CPU tensors through Triton's interpreter unless
@@ -73,22 +75,33 @@ Exports = Callable[..., Artifact]
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory) -> Exports:
-    """``exports(name, dense=False, **options)``: each distinct export made once per session.
+    """``exports(name, dense=False, **options)``: each distinct export made once per run.
 
     ``quantize=...`` quantizes the (cached) fp32 export with ``quantize_artifact``, the step
     ``export --quantize`` ends with. Treat the result as read-only (copy it to change it).
+    Under pytest-xdist the workers share one cache directory: the first to need an export
+    makes it (under a file lock), the others load it from disk.
     """
+    from ipcv_deploy.artifact import load_artifact
     from ipcv_deploy.export.quantize import quantize_artifact
 
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp()
+    root = (root.parent if shared else root) / "artifacts"
+    root.mkdir(exist_ok=True)
     made: dict[tuple, Artifact] = {}
-    root = tmp_path_factory.mktemp("artifacts")
 
     def get(name: str, dense: bool = False, quantize: str = "none", **options) -> Artifact:
         key = (name, dense, quantize, tuple(sorted(options.items())))
-        if key not in made:
-            fp32 = None if quantize == "none" else get(name, dense, **options)
-            out = root / f"export-{len(made)}"
-            if fp32 is None:
+        if key in made:
+            return made[key]
+        fp32 = None if quantize == "none" else get(name, dense, **options)
+        out = root / f"export-{hashlib.sha256(repr(key).encode()).hexdigest()[:16]}"
+        with (root / f"{out.name}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if out.exists():
+                made[key] = load_artifact(out, check="size")
+            elif fp32 is None:
                 made[key] = export_tiny(name, out, dense=dense, **options)
             else:
                 made[key] = quantize_artifact(fp32, out, quantize)

@@ -54,7 +54,8 @@ def _pytest(tests: list[str], junit: Path) -> dict[str, Any]:
 
     The Triton kernels run compiled for the GPU there, not interpreted.
     """
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    # -n 0: one process, the GPU to itself (the default is several workers).
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *tests]
     proc = subprocess.run(
         [*command, f"--junitxml={junit}"],
         cwd=ROOT,

@@ -126,8 +126,8 @@ def native_latency(
             )
             outputs[variant] = backend(pixels, grid_thw)["image_embeds"]
         shape = adapter.encoder_shape((grid[0] * patch, grid[1] * patch))
-        dense_flops = encoder_flops(shape, None).total
-        ipcv_flops = encoder_flops(shape, config).total
+        dense_flops = encoder_flops(shape, None, run="native_graph").total
+        ipcv_flops = encoder_flops(shape, config, run="native_graph").total
         rows.append(
             {
                 "grid": list(grid),

@@ -57,9 +57,10 @@ def plot_native(results: dict[str, Any], path: Path) -> None:
         base = IPCVConfig.from_dict(report["ipcv"])
         for g in rows:
             shape = adapter.encoder_shape(tuple(g["image_px"]))
-            dense = encoder_flops(shape, None).total
+            dense = encoder_flops(shape, None, run="native_graph").total
             ratios = [
-                dense / encoder_flops(shape, replace(base, keep_ratio=keep)).total
+                dense
+                / encoder_flops(shape, replace(base, keep_ratio=keep), run="native_graph").total
                 for keep in KEEP_RATIOS
             ]
             by_keep.plot(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from ipcv_deploy.errors import IpcvError
+from ipcv_deploy.fileio import interrupts_recorded
 
 __all__ = ["main"]
 
@@ -57,11 +58,31 @@ def _parser(commands: dict[str, ModuleType]) -> argparse.ArgumentParser:
     return parser
 
 
+def _names_ort_genai(argv: Sequence[str]) -> bool:
+    """Whether a ``run`` command line picks ``--llm-backend ort-genai``."""
+    for i, arg in enumerate(argv):
+        if arg == "--llm-backend" and i + 1 < len(argv) and argv[i + 1] == "ort-genai":
+            return True
+        if arg == "--llm-backend=ort-genai":
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ipcv-export``; returns the exit code."""
-    args = _parser(_commands()).parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return int(args.run(args))
+        if argv[:1] == ["run"] and _names_ort_genai(argv):
+            # Before anything imports torch: the ONNX Runtime GenAI backend runs without it.
+            from ipcv_deploy.cli import run_genai
+
+            args = run_genai.parse(argv[1:])
+            command = run_genai.run
+        else:
+            args = _parser(_commands()).parse_args(argv)
+            command = args.run
+        with interrupts_recorded():
+            return int(command(args))
     except IpcvError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,8 @@ Prints a table (or one JSON document with --json) and writes the JSON to --out.
 Default models: the full-size Qwen2-VL-7B ViT and InternViT-300M with random weights.
 --ort --int8 adds the dynamic-int8 exports (int8 dense, int8 IPCV, int8-full IPCV).
 --runtime times whole answers (vision + LLM) on Qwen2-VL-2B shapes: time to first token and
-decode tokens/s for dense, IPCV, DART, IPCV + DART and TokenCarve.
+decode tokens/s for dense, IPCV, DART, IPCV + DART and TokenCarve; with --llm-backend
+ort-genai, dense and IPCV on the transformers backend and on ONNX Runtime GenAI instead.
 --native exports dense and IPCV at native resolution and times both at several image grids
 (448x448, 16:9, ~1 MP); --plot PNG draws speed-up and FLOP ratio against image size.
 --serve loads `ipcv-export serve` on loopback (dense vs IPCV + DART): requests/s, TTFT.
@@ -36,6 +37,7 @@ from ipcv_deploy.bench.onnxruntime import (
     ort_table,
 )
 from ipcv_deploy.bench.report import format_table, machine_info
+from ipcv_deploy.cli.common import LLM_BACKENDS
 from ipcv_deploy.cli.options import (
     add_device_args,
     add_ipcv_args,
@@ -53,6 +55,7 @@ from ipcv_deploy.models import (
     NATIVE_BENCHMARK_PRESETS,
     RUNTIME_BENCHMARK_PRESET,
     SERVE_BENCHMARK_PRESET,
+    LoadedModel,
     load_model,
     native_families,
     parse_dtype,
@@ -113,6 +116,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--llm-keep", type=float, default=0.35, help="LLM-side pruning keep ratio (--runtime)"
+    )
+    parser.add_argument(
+        "--llm-backend",
+        choices=LLM_BACKENDS,
+        default="transformers",
+        help="with --runtime: ort-genai sets transformers and ONNX Runtime GenAI side by side, "
+        "dense and IPCV (exports the package into --workdir; needs onnxruntime-genai)",
     )
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (--ort)")
     parser.add_argument(
@@ -310,6 +320,8 @@ def _run_runtime(args: argparse.Namespace) -> int:
     name = args.model or RUNTIME_BENCHMARK_PRESET
     progress(f"building {name} ...")
     loaded = load_model(name, parse_dtype(args.dtype), args.seed, device=args.device)
+    if args.llm_backend == "ort-genai":
+        return _run_backends(args, loaded)
     report = {
         "machine": machine_info(),
         "runtime": runtime_benchmark(
@@ -328,6 +340,31 @@ def _run_runtime(args: argparse.Namespace) -> int:
         f"{r['new_tokens']} new tokens"
     )
     print(format_table(RUNTIME_HEADERS, runtime_table(r)))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _run_backends(args: argparse.Namespace, loaded: LoadedModel) -> int:
+    from ipcv_deploy.bench.report import progress
+    from ipcv_deploy.bench.runtime import BACKEND_HEADERS, backend_benchmark, backend_table
+
+    report = {
+        "machine": machine_info(),
+        "backends": backend_benchmark(
+            loaded, args.workdir, args.runs, args.max_new_tokens, progress
+        ),
+    }
+    out = args.out or Path("engines") / "bench" / "backends.json"
+    write_json(out, report)
+    if args.json:
+        print_json(report)
+        return 0
+    r, m = report["backends"], report["machine"]
+    print(
+        f"{r['model']}, {r['image_size'][0]}x{r['image_size'][1]} image at its native size, "
+        f"{m['cpu']}; median of {r['runs']} runs, {r['new_tokens']} new tokens"
+    )
+    print(format_table(BACKEND_HEADERS, backend_table(r)))
     print(f"\nwrote {out}")
     return 0
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ipcv_deploy.artifact import MANIFEST_NAME, QUANTIZE_MODES, Artifact
+from ipcv_deploy.artifact import MANIFEST_NAME, PACKAGE_NAME, QUANTIZE_MODES, Artifact
 from ipcv_deploy.bench.report import peak_rss_gb, progress
 from ipcv_deploy.cli.options import (
     add_ipcv_args,
@@ -33,6 +33,7 @@ from ipcv_deploy.cli.options import (
 from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.fileio import check_replaceable
 from ipcv_deploy.models import LoadedModel, load_model, native_families, parse_dtype
+from ipcv_deploy.models.ort_genai import genai_families
 
 if TYPE_CHECKING:  # the export package imports onnx: only when a command runs
     from ipcv_deploy.export import ExportOptions
@@ -45,6 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense", action="store_true", help="export without IPCV (baseline)")
     parser.add_argument(
         "--out", type=Path, help="artifact directory (default: engines/<model>-<ipcv|dense>)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=["onnx", "ort-genai"],
+        default="onnx",
+        help="onnx: the vision-encoder artifact (default); ort-genai: a folder ONNX Runtime "
+        "GenAI loads as is (this vision encoder, an embedding model, the text decoder from "
+        f"onnxruntime_genai.models.builder, genai_config.json, tokenizer, processor; "
+        f"{genai_families()}; needs onnxruntime-genai)",
     )
     parser.add_argument(
         "--target",
@@ -132,9 +142,10 @@ def _native_range(args: argparse.Namespace, loaded: LoadedModel):
     return PixelRange(int(low), int(high))
 
 
-def default_out(model: str, dense: bool) -> Path:
-    """``engines/<model name>-<ipcv|dense>``."""
-    return Path("engines") / f"{Path(model).name}-{'dense' if dense else 'ipcv'}"
+def default_out(model: str, dense: bool, package: bool = False) -> Path:
+    """``engines/<model name>-<ipcv|dense>[-ort-genai]``."""
+    suffix = "-ort-genai" if package else ""
+    return Path("engines") / f"{Path(model).name}-{'dense' if dense else 'ipcv'}{suffix}"
 
 
 def _export_quantized(
@@ -154,17 +165,48 @@ def _export_quantized(
         shutil.rmtree(fp32, ignore_errors=True)
 
 
+def _export_package(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    options: ExportOptions,
+    out: Path,
+    started: float,
+) -> int:
+    """``--format ort-genai``: the package, then what was written."""
+    from ipcv_deploy.export.ort_genai import export_ort_genai
+
+    package = export_ort_genai(loaded, options, out, progress=progress)
+    elapsed = time.perf_counter() - started
+    if args.json:
+        print_json({"package": str(out), "elapsed_s": elapsed, **package.data})
+        return 0
+    llm = package.data["llm"]
+    print(f"exported an ONNX Runtime GenAI package of {loaded.name} to {out} in {elapsed:.1f} s")
+    print(
+        f"  vision: {package.data['vision']}/vision.onnx "
+        + ("(dense)" if package.vision.manifest.ipcv is None else "(IPCV)")
+        + f"; text decoder: {llm['num_hidden_layers']} layers, {llm['hidden_size']} wide"
+    )
+    print(f"next: ipcv-export run --llm-backend ort-genai --artifact {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the model, export, print what was written."""
     from ipcv_deploy.export import ExportOptions, export_encoder
 
     started = time.perf_counter()
-    out = args.out or default_out(args.model, args.dense)
-    check_replaceable(out, args.force, MANIFEST_NAME)  # before minutes of work
+    package = args.format == "ort-genai"
+    out = args.out or default_out(args.model, args.dense, package)
+    check_replaceable(out, args.force, PACKAGE_NAME if package else MANIFEST_NAME)  # before work
     if args.quantize != "none" and args.target not in (None, "ort"):
         raise ConfigError(
             f"--quantize {args.quantize} is for ONNX Runtime (CPU); TensorRT builds its own "
             "reduced precision (build --precision): pass --target ort or leave --target out"
+        )
+    if package and (args.quantize != "none" or args.target):
+        raise ConfigError(
+            "--format ort-genai writes the fp32 ONNX Runtime flavour; drop --quantize / --target"
         )
     if args.dense and args.return_indices:
         raise ConfigError(
@@ -177,6 +219,16 @@ def run(args: argparse.Namespace) -> int:
     static = args.image_size and native is None
     image_size = parse_image_size(args.image_size) if static else loaded.image_size
     config = None if args.dense else ipcv_config(args, loaded.adapter)
+    if package:
+        return _export_package(
+            args,
+            loaded,
+            ExportOptions(
+                image_size, config, "ort", args.return_indices, args.force, native=native
+            ),
+            out,
+            started,
+        )
     if args.quantize == "none":
         target = args.target or "all"
         options = ExportOptions(

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
 from typing import Any
 
+from ipcv_deploy.cli.common import add_output_args, print_json, require_at_least
 from ipcv_deploy.config import SELECTION_MODES, IPCVConfig
 from ipcv_deploy.errors import InputError
 from ipcv_deploy.models import DEFAULT_PRESET, DEVICES, DTYPES, PRESETS, FamilyAdapter, ImageSize
@@ -22,12 +21,6 @@ __all__ = [
     "print_json",
     "require_at_least",
 ]
-
-
-def require_at_least(option: str, value: float | None, minimum: float) -> None:
-    """Raise ``InputError`` naming ``option`` unless ``value`` is ``None`` or >= ``minimum``."""
-    if value is not None and not value >= minimum:  # also refuses NaN
-        raise InputError(f"{option} must be at least {minimum:g}, got {value:g}")
 
 
 def parse_image_size(text: str) -> ImageSize:
@@ -95,11 +88,6 @@ def add_ipcv_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--selection", choices=SELECTION_MODES, help="top-k per image or global")
 
 
-def add_output_args(parser: argparse.ArgumentParser) -> None:
-    """``--json``: exactly one JSON document on stdout instead of the table."""
-    parser.add_argument("--json", action="store_true", help="print one JSON document for scripts")
-
-
 def ipcv_config(args: argparse.Namespace, adapter: type[FamilyAdapter]) -> IPCVConfig:
     """The family's reference config with the options given on the command line."""
     keep_ratio = args.keep_ratio
@@ -115,9 +103,3 @@ def ipcv_config(args: argparse.Namespace, adapter: type[FamilyAdapter]) -> IPCVC
     return dataclasses.replace(
         adapter.reference_ipcv(), **{k: v for k, v in overrides.items() if v is not None}
     )
-
-
-def print_json(data: Any) -> None:
-    """The one JSON document of ``--json``."""
-    json.dump(data, sys.stdout, indent=2)
-    sys.stdout.write("\n")

@@ -18,6 +18,7 @@ import torch
 from ipcv_deploy.backends.onnxruntime_backend import ORT_PROVIDERS
 from ipcv_deploy.bench.report import progress
 from ipcv_deploy.cli.build import DEFAULT_PLUGIN
+from ipcv_deploy.cli.common import add_decoding_args, add_llm_backend_arg, add_prompt_args
 from ipcv_deploy.cli.options import (
     add_device_args,
     add_ipcv_args,
@@ -38,25 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``run``."""
     add_model_args(parser)
     add_ipcv_args(parser)
+    add_llm_backend_arg(parser)
     add_runtime_args(parser)
-    parser.add_argument("--image", type=Path, help="image file (default: a built-in test card)")
-    parser.add_argument("--prompt", default="Describe the image.", help="the question")
-    parser.add_argument(
-        "--raw-prompt",
-        action="store_true",
-        help="use --prompt as is (it must hold the image placeholder) instead of the chat template",
-    )
-    parser.add_argument("--no-stream", action="store_true", help="print the answer at the end")
+    add_prompt_args(parser)
     add_output_args(parser)
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """Pipeline and decoding options (shared with ``eval``)."""
     add_pipeline_args(parser)
-    group = parser.add_argument_group("decoding")
-    group.add_argument("--max-new-tokens", type=int, default=32)
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    group.add_argument("--top-p", type=float, default=1.0)
+    add_decoding_args(parser)
 
 
 def add_pipeline_args(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,10 @@
 """Token-compression algorithms in pure torch on top of ``ops/``; no family names here."""
 
-from ipcv_deploy.compression.attention import segment_attention
+from ipcv_deploy.compression.attention import (
+    banded_window_attention,
+    segment_attention,
+    window_attention,
+)
 from ipcv_deploy.compression.ipcv import (
     IPCVResult,
     PruneState,
@@ -18,10 +22,12 @@ __all__ = [
     "IPCVResult",
     "PruneState",
     "TokenSet",
+    "banded_window_attention",
     "build_prune_state",
     "dense_encode",
     "gather_tokens",
     "ipcv_encode",
     "ipcv_encode_embedded",
     "segment_attention",
+    "window_attention",
 ]

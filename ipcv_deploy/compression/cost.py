@@ -11,9 +11,13 @@ from typing import Literal
 
 from ipcv_deploy.config import IPCVConfig
 
-__all__ = ["AttentionForm", "EncoderShape", "FlopBreakdown", "encoder_flops"]
+__all__ = ["AttentionForm", "EncoderShape", "FlopBreakdown", "WindowRun", "encoder_flops"]
 
 AttentionForm = Literal["kept_query", "full_query"]
+#: How windowed blocks run: ``eager`` each window on its own tokens; ``graph`` an export of
+#: one image size (dense windows static, pruned ones banded); ``native_graph`` a
+#: native-resolution export (every windowed block banded). See ``compression.attention``.
+WindowRun = Literal["eager", "graph", "native_graph"]
 
 
 @dataclass(frozen=True)
@@ -45,16 +49,22 @@ class EncoderShape:
     window: int | None = None
     full_attention_blocks: tuple[int, ...] = ()
 
-    def span(self, index: int, keys: int, pruned: bool) -> int:
-        """Keys each query of block ``index`` computes scores for, of ``keys`` per image.
+    def pairs(
+        self, index: int, queries: int, keys: int, pruned: bool, run: WindowRun = "eager"
+    ) -> int:
+        """Query-key pairs block ``index`` scores, for ``queries`` over ``keys`` per image.
 
-        Dense windowed blocks attend within their window. Once tokens are pruned, the kept
-        count per window varies, so windowed blocks run as a same-window mask over the whole
-        image and cost full-image attention.
+        Windowed blocks attend within windows of ``window`` tokens. Eager, each window runs
+        on its own tokens (pruned: its kept share, taken as uniform). A graph runs a window
+        whose tokens are not fixed at export (pruned, or any in a native-resolution graph)
+        banded: each of the keys' tokens scores 3 x ``window`` keys.
         """
-        if self.window is None or index in self.full_attention_blocks or pruned:
-            return keys
-        return self.window
+        if self.window is None or index in self.full_attention_blocks:
+            return queries * keys
+        banded = run == "native_graph" or (run == "graph" and pruned)
+        if banded:
+            return keys * 3 * self.window
+        return queries * self.window * keys // self.tokens
 
 
 @dataclass(frozen=True)
@@ -83,18 +93,27 @@ class FlopBreakdown:
 
 
 def _block(
-    shape: EncoderShape, index: int, queries: int, keys: int, mlp_rows: int, pruned: bool = False
+    shape: EncoderShape,
+    index: int,
+    queries: int,
+    keys: int,
+    mlp_rows: int,
+    pruned: bool = False,
+    run: WindowRun = "eager",
 ) -> tuple[int, int]:
     d = shape.width
     linear = 2 * queries * d * d + 2 * keys * d * 2 * d  # q, then k and v
     linear += 2 * queries * d * d  # output projection
     linear += 2 * mlp_rows * d * shape.mlp_hidden * shape.mlp_matrices
-    attention = 2 * 2 * queries * shape.span(index, keys, pruned) * d  # QK^T and AV
+    attention = 2 * 2 * shape.pairs(index, queries, keys, pruned, run) * d  # QK^T and AV
     return linear, attention
 
 
 def encoder_flops(
-    shape: EncoderShape, config: IPCVConfig | None = None, form: AttentionForm = "kept_query"
+    shape: EncoderShape,
+    config: IPCVConfig | None = None,
+    form: AttentionForm = "kept_query",
+    run: WindowRun = "eager",
 ) -> FlopBreakdown:
     """FLOPs per image of the dense encoder (``config=None``) or of IPCV.
 
@@ -104,6 +123,7 @@ def encoder_flops(
         form: AS blocks as this project runs them (``kept_query``: queries, output projection
             and MLP for the P kept rows only) or as the reference code does (``full_query``:
             queries and attention output for all N rows, MLP for the kept rows).
+        run: how windowed blocks run (``WindowRun``).
 
     Returns:
         The ``FlopBreakdown``.
@@ -112,7 +132,7 @@ def encoder_flops(
     linear = attention = ops = 0
     if config is None:
         for index in range(shape.depth):
-            block_linear, block_attention = _block(shape, index, n, n, n)
+            block_linear, block_attention = _block(shape, index, n, n, n, run=run)
             linear += block_linear
             attention += block_attention
         return FlopBreakdown(shape.embed_flops, linear, attention, 0, shape.head_flops)
@@ -132,7 +152,9 @@ def encoder_flops(
     for count, queries, keys, mlp_rows in stages:
         for _ in range(count):
             pruned = index >= config.prune_layer
-            block_linear, block_attention = _block(shape, index, queries, keys, mlp_rows, pruned)
+            block_linear, block_attention = _block(
+                shape, index, queries, keys, mlp_rows, pruned, run
+            )
             linear += block_linear
             attention += block_attention
             index += 1

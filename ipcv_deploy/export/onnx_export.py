@@ -287,7 +287,9 @@ def _manifest(
         if config is None
         else config.kept_count(shape.tokens, adapter.num_prefix_tokens)
     )
-    dense = encoder_flops(shape, None).total
+    # FLOPs of the graph as exported: windowed blocks run as ``compression.attention`` traces.
+    run = "graph" if tokens is None else "native_graph"
+    dense = encoder_flops(shape, None, run=run).total
     files = {p.name: file_entry(p) for p in sorted(stage.iterdir())}
     source = (
         {"preset": loaded.name, "seed": loaded.seed}
@@ -307,7 +309,7 @@ def _manifest(
         encoder={"depth": shape.depth, "width": shape.width},
         flops_per_image={
             "dense": dense,
-            "exported": dense if config is None else encoder_flops(shape, config).total,
+            "exported": dense if config is None else encoder_flops(shape, config, run=run).total,
         },
         opsets={"": ONNX_OPSET, DOMAIN: OPSET_VERSION},
         flavours={f: _FILES[f] for f in flavours},

@@ -9,6 +9,7 @@ from onnxscript import values
 
 from ipcv_deploy.export.schemas import register_schemas
 from ipcv_deploy.ops import DOMAIN, OPSET_VERSION
+from ipcv_deploy.ops import torch_ops as _registers_torch_ops_ipcv  # noqa: F401
 
 __all__ = ["translation_table"]
 

@@ -6,8 +6,8 @@ Qwen2-VL's packed patches and 2-D RoPE, plus window attention: tokens are reorde
 window-ordered grid and its output is put back in raster order.
 
 IPCV keeps the window order as the token order: selection and NGR are order-free, kept tokens
-attend only within their original windows (a same-window mask, since the kept count per window
-varies), and the final restore gives the merger the complete window-ordered grid.
+attend only within their original windows (each window on its own kept tokens, however many
+it keeps), and the final restore gives the merger the complete window-ordered grid.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import (
@@ -24,7 +23,13 @@ from transformers.vision_utils import (
     get_vision_window_index,
 )
 
-from ipcv_deploy.compression import EncodedInput, TokenSet, segment_attention
+from ipcv_deploy.compression import (
+    EncodedInput,
+    TokenSet,
+    banded_window_attention,
+    segment_attention,
+    window_attention,
+)
 from ipcv_deploy.compression.cost import EncoderShape
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.models.base import ImageSize, register_adapter
@@ -197,24 +202,40 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         q_tokens: TokenSet,
         k_tokens: TokenSet,
     ) -> torch.Tensor:
-        """Within images for full-attention blocks, else within windows (kept: a mask)."""
+        """Within images for full-attention blocks, else within windows.
+
+        Kept tokens stay contiguous per window (window order, kept indices ascending), so
+        eager runs each window on its own tokens (``window_attention``); a traced graph
+        (export) runs the same attention in the form whose shapes follow the token count
+        (``banded_window_attention``). Queries of an AS block (kept) are placed at their
+        positions among all tokens for it, the dropped positions' outputs discarded.
+        """
         if not self._windowed(index):
             return super()._attend(index, q, k, v, enc, q_tokens, k_tokens)
         windows: _Windows = enc.context
-        dense = q_tokens.index is None and k_tokens.index is None
-        if dense and windows.windows is not None:
+        if q_tokens.index is None and k_tokens.index is None and windows.windows is not None:
             return segment_attention(q, k, v, windows.windows, windows.windows)
 
         def ids(tokens: TokenSet, count: int) -> torch.Tensor:
             if tokens.index is None:
-                return windows.window_of(torch.arange(count, device=q.device)).unsqueeze(0)
+                index = torch.arange(count, device=q.device).expand(q.shape[0], -1)
+                return windows.window_of(index)
             return windows.window_of(tokens.index)
 
-        same = ids(q_tokens, q.shape[1]).unsqueeze(-1) == ids(k_tokens, k.shape[1]).unsqueeze(-2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=same.unsqueeze(1)
-        )
-        return out.transpose(1, 2)
+        q_ids, k_ids = ids(q_tokens, q.shape[1]), ids(k_tokens, k.shape[1])
+        if not torch.compiler.is_compiling():
+            return window_attention(q, k, v, q_ids, k_ids)
+        if q_tokens.index is None or k_tokens.index is not None:  # queries are the keys
+            return banded_window_attention(q, k, v, k_ids, self._window_tokens)
+        rows = q_tokens.index.unsqueeze(-1).unsqueeze(-1).expand(-1, -1, *q.shape[2:])
+        placed = q.new_zeros(k.shape).scatter(1, rows, q)
+        out = banded_window_attention(placed, k, v, k_ids, self._window_tokens)
+        return out.gather(1, rows)
+
+    @property
+    def _window_tokens(self) -> int:
+        """Tokens of a whole window (window_size / patch_size patches a side)."""
+        return (self.vision.config.window_size // self._patch) ** 2
 
     def head(self, full: torch.Tensor, enc: EncodedInput) -> BaseModelOutputWithPooling:
         """Merger on the window-ordered grid, its output put back in raster order."""

@@ -7,16 +7,14 @@ visual tokens left after each stage and the KV-cache size.
 
 from __future__ import annotations
 
-import os
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
 from ipcv_deploy.config import IPCVConfig
@@ -37,38 +35,10 @@ from ipcv_deploy.runtime.generate import (
     generate,
     language_model,
 )
+from ipcv_deploy.runtime.images import ImageInput, load_image
 from ipcv_deploy.runtime.vision import VisionEncoder, artifact_vision, torch_vision
 
 __all__ = ["ImageInput", "RunResult", "VLMPipeline", "load_image"]
-
-ImageInput = str | os.PathLike[str] | Image.Image
-
-
-def load_image(image: ImageInput) -> Image.Image:
-    """An RGB PIL image from a path (or an image already opened).
-
-    Raises:
-        InputError: the file is missing or is not an image PIL can read.
-    """
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise InputError(f"image not found: {path}; pass an existing image file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                return opened.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise InputError(
-            f"image {path} is too large to decode safely ({str(err).splitlines()[0]}); "
-            "downscale it first"
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise InputError(
-            f"cannot read image {path}: {str(err).splitlines()[0]}; pass a PNG/JPEG/... file"
-        ) from None
 
 
 @dataclass

@@ -16,8 +16,9 @@ from ipcv_deploy.cli import main
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
 from ipcv_deploy.errors import ArtifactError, BackendUnavailableError, ConfigError, InputError
 from ipcv_deploy.models import load_model
-from ipcv_deploy.runtime import SamplingConfig, VLMPipeline, generate, load_image
+from ipcv_deploy.runtime import SamplingConfig, VLMPipeline, load_image
 from ipcv_deploy.runtime.evaluate import evaluate, load_items, score_answer
+from ipcv_deploy.runtime.generate import generate
 from ipcv_deploy.runtime.testcard import make_test_card
 from tests.conftest import NATIVE_MAX_PIXELS
 

@@ -132,26 +132,3 @@ def hf_image_features(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor
             return out.view(pixels.shape[0], -1, out.shape[-1])
         features = loaded.model.model.get_image_features(pixels).pooler_output
         return torch.stack(features) if isinstance(features, (list, tuple)) else features
-
-
-#: Test files that take minutes (exports, packages), scheduled first so that the parallel
-#: workers (``--dist loadfile``) finish together instead of one running them at the end.
-HEAVY_FILES = (
-    "tests/runtime/test_ort_genai.py",
-    "tests/export/test_native.py",
-    "tests/runtime/test_pipeline.py",
-    "tests/export/test_artifact_errors.py",
-    "tests/trt/test_check.py",
-    "tests/cli/test_cli.py",
-    "tests/export/test_export.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: index for index, name in enumerate(HEAVY_FILES)}
-
-    def weight(item: pytest.Item) -> int:
-        path = Path(item.path).relative_to(config.rootpath).as_posix()
-        return rank.get(path, len(HEAVY_FILES))
-
-    items.sort(key=weight)  # stable: the order inside each file stays

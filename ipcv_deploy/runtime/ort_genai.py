@@ -23,6 +23,7 @@ from ipcv_deploy.artifact import GenaiPackage, load_genai_package
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ArtifactError, BackendUnavailableError, InputError
 from ipcv_deploy.runtime.images import ImageInput, load_image
+from ipcv_deploy.runtime.prompts import check_placeholders
 
 __all__ = ["GenaiPipeline", "GenaiResult"]
 
@@ -110,19 +111,9 @@ class GenaiPipeline:
             InputError: a raw prompt without exactly one image placeholder, or a templated
                 one that already has it.
         """
-        count = prompt.count(self.placeholder)
+        check_placeholders(prompt, self.placeholder, raw)
         if raw:
-            if count != 1:
-                raise InputError(
-                    f"the prompt has {count} image placeholders {self.placeholder!r}; a raw prompt "
-                    "needs exactly one (or leave out --raw-prompt to use the chat template)"
-                )
             return prompt
-        if count:
-            raise InputError(
-                f"the prompt contains the image placeholder {self.placeholder!r}; the chat "
-                "template adds it: remove it, or pass --raw-prompt to use the prompt as is"
-            )
         messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
         ]

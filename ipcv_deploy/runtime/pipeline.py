@@ -36,6 +36,7 @@ from ipcv_deploy.runtime.generate import (
     language_model,
 )
 from ipcv_deploy.runtime.images import ImageInput, load_image
+from ipcv_deploy.runtime.prompts import check_placeholders
 from ipcv_deploy.runtime.vision import VisionEncoder, artifact_vision, torch_vision
 
 __all__ = ["ImageInput", "RunResult", "VLMPipeline", "load_image"]
@@ -168,19 +169,9 @@ class VLMPipeline:
             InputError: a raw prompt without exactly one image placeholder, or a processor
                 without a chat template.
         """
+        check_placeholders(prompt, self.placeholder, raw)
         if raw:
-            count = prompt.count(self.placeholder)
-            if count != 1:
-                raise InputError(
-                    f"the prompt has {count} image placeholders {self.placeholder!r}; a raw prompt "
-                    f"needs exactly one (or leave out --raw-prompt to use the chat template)"
-                )
             return prompt
-        if self.placeholder in prompt:
-            raise InputError(
-                f"the prompt contains the image placeholder {self.placeholder!r}; the chat "
-                "template adds it: remove it, or pass --raw-prompt to use the prompt as is"
-            )
         return self.chat_prompt(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         )

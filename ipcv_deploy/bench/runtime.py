@@ -194,14 +194,14 @@ def backend_benchmark(
         pipeline = VLMPipeline.create(loaded, ipcv=config if variant == "IPCV" else None)
         row = timed(
             f"transformers {variant}",
-            lambda p=pipeline: p.run([image], [PROMPT], sampling).stats,
+            lambda p=pipeline: p.answer(image, PROMPT, sampling).stats,
         )
         rows.append({"backend": "transformers", "variant": variant, **row})
     for variant, path in packages.items():
         genai = GenaiPipeline(path)
         row = timed(
             f"ort-genai {variant}",
-            lambda g=genai: g.run(image, PROMPT, max_new_tokens, stop_at_eos=False).stats,
+            lambda g=genai: g.answer(image, PROMPT, sampling).stats,
         )
         rows.append({"backend": "ort-genai", "variant": variant, **row})
         del genai

@@ -20,13 +20,16 @@ __all__ = [
     "add_llm_backend_arg",
     "add_output_args",
     "add_prompt_args",
+    "add_vllm_args",
     "print_json",
     "require_at_least",
+    "stream_text",
 ]
 
 #: ``--llm-backend`` values: the transformers model in PyTorch (the reference, with LLM-side
-#: pruning) or an ONNX Runtime GenAI package (``export --format ort-genai``, no torch).
-LLM_BACKENDS = ("transformers", "ort-genai")
+#: pruning), an ONNX Runtime GenAI package (``export --format ort-genai``, no torch), or a
+#: vLLM OpenAI server fed our encoder's embeddings (``--vllm-url``).
+LLM_BACKENDS = ("transformers", "ort-genai", "vllm")
 
 
 def require_at_least(option: str, value: float | None, minimum: float) -> None:
@@ -44,6 +47,12 @@ def print_json(data: Any) -> None:
     """The one JSON document of ``--json``."""
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def stream_text(text: str) -> None:
+    """Print a piece of a streamed answer at once."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -74,5 +83,17 @@ def add_llm_backend_arg(parser: argparse.ArgumentParser) -> None:
         default="transformers",
         help="transformers: the model in PyTorch (default; the only one with --llm-pruning); "
         "ort-genai: an ONNX Runtime GenAI package (--artifact DIR from `export --format "
-        "ort-genai`), run without torch",
+        "ort-genai`), run without torch; vllm: a vLLM server (--vllm-url) decodes, the vision "
+        "encoder runs here",
     )
+
+
+def add_vllm_args(parser: argparse.ArgumentParser) -> None:
+    """``--vllm-url``, ``--vllm-model`` of ``--llm-backend vllm``."""
+    group = parser.add_argument_group("vLLM (--llm-backend vllm)")
+    group.add_argument(
+        "--vllm-url",
+        help="base URL of a vLLM OpenAI server started with --enable-mm-embeds, e.g. "
+        "http://127.0.0.1:8000",
+    )
+    group.add_argument("--vllm-model", help="served model id (default: the server's only one)")

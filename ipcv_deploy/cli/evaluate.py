@@ -1,9 +1,12 @@
 """VQA-style accuracy, dense vs compressed, over a local .jsonl of (image, question, answer).
 
-The dense model (torch, no IPCV, no LLM pruning) is the reference; the compressed variant is
-what the runtime options describe (IPCV by default, plus --llm-pruning if given). Prints
-exact-match and contains accuracy, agreement with dense and time to first token per variant;
---out writes the report with every prediction.
+The dense model (torch vision, no IPCV, no LLM pruning) is the reference; the compressed
+variant is what the runtime options describe (IPCV by default, plus --llm-pruning if given).
+--llm-backend picks the LLM: transformers (default); vllm (--vllm-url: both variants'
+embeddings go to the server); ort-genai (--artifact PKG is the compressed variant, the
+reference is the dense transformers model of --model). Prints exact-match and contains
+accuracy, agreement with dense and time to first token per variant; --out writes the report
+with every prediction.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from ipcv_deploy.bench.report import format_table, progress
+from ipcv_deploy.cli.common import add_llm_backend_arg, add_vllm_args
 from ipcv_deploy.cli.options import (
     add_ipcv_args,
     add_model_args,
@@ -19,10 +23,13 @@ from ipcv_deploy.cli.options import (
     print_json,
     require_at_least,
 )
-from ipcv_deploy.cli.run import add_runtime_args, build_pipeline, sampling
+from ipcv_deploy.cli.run import add_runtime_args, llm_backend, sampling
+from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.fileio import write_json
 from ipcv_deploy.runtime import VLMPipeline
+from ipcv_deploy.runtime.answers import LLMBackend
 from ipcv_deploy.runtime.evaluate import evaluate, load_items
+from ipcv_deploy.runtime.vllm_client import VllmClient
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", type=Path, help=".jsonl file (or a folder holding one)")
     add_model_args(parser)
     add_ipcv_args(parser)
+    add_llm_backend_arg(parser)
+    add_vllm_args(parser)
     add_runtime_args(parser)
     parser.add_argument("--batch", type=int, default=1, help="prompts per batch (default 1)")
     parser.add_argument("--limit", type=int, help="only the first N items")
@@ -37,18 +46,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_args(parser)
 
 
+def _variants(args: argparse.Namespace) -> dict[str, LLMBackend]:
+    """The dense reference and the compressed variant, on the LLM backend the options pick."""
+    if args.llm_backend == "ort-genai":
+        if args.artifact is None or args.vision_backend != "torch" or args.llm_pruning != "none":
+            raise ConfigError(
+                "--llm-backend ort-genai evaluates a package: pass --artifact DIR (`export "
+                "--format ort-genai`) and no --vision-backend / --llm-pruning"
+            )
+        from ipcv_deploy.runtime.ort_genai import GenaiPipeline
+
+        compressed = GenaiPipeline(args.artifact, expect_model=args.model)
+        progress(f"loading {args.model} ...")
+        dense = VLMPipeline.create(args.model, dtype=args.dtype, seed=args.seed)
+        return {"dense (transformers)": dense, "compressed (ort-genai)": compressed}
+    compressed = llm_backend(args)
+    front = compressed.front if isinstance(compressed, VllmClient) else compressed
+    size = None if front.vision.native else front.vision.image_size
+    dense = VLMPipeline.create(front.loaded, image_size=size)
+    if isinstance(compressed, VllmClient):
+        return {
+            "dense": VllmClient(dense, compressed.url, compressed.model),
+            "compressed": compressed,
+        }
+    return {"dense": dense, "compressed": compressed}
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the items, run dense and compressed, report."""
     require_at_least("--batch", args.batch, 1)
     require_at_least("--limit", args.limit, 1)
     items = load_items(args.data, args.limit)
-    compressed = build_pipeline(args)
-    size = None if compressed.vision.native else compressed.vision.image_size
-    dense = VLMPipeline.create(compressed.loaded, image_size=size)
-    report = evaluate(
-        {"dense": dense, "compressed": compressed}, items, sampling(args), args.batch, progress
-    )
-    report["model"] = compressed.loaded.name
+    backends = _variants(args)
+    report = evaluate(backends, items, sampling(args), args.batch, progress)
+    report["model"] = args.model
     if args.out:
         write_json(args.out, report)
     if args.json:

@@ -13,12 +13,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ipcv_deploy.backends.onnxruntime_backend import ORT_PROVIDERS
 from ipcv_deploy.bench.report import progress
 from ipcv_deploy.cli.build import DEFAULT_PLUGIN
-from ipcv_deploy.cli.common import add_decoding_args, add_llm_backend_arg, add_prompt_args
+from ipcv_deploy.cli.common import (
+    add_decoding_args,
+    add_llm_backend_arg,
+    add_prompt_args,
+    add_vllm_args,
+    stream_text,
+)
 from ipcv_deploy.cli.options import (
     add_device_args,
     add_ipcv_args,
@@ -30,9 +34,12 @@ from ipcv_deploy.cli.options import (
     require_at_least,
 )
 from ipcv_deploy.compression.llm_pruning import LLM_PRUNING_METHODS, LLMPruningConfig, check_keep
+from ipcv_deploy.errors import ConfigError
 from ipcv_deploy.models import load_model, parse_dtype, resolve_device
 from ipcv_deploy.runtime import VISION_BACKENDS, SamplingConfig, VLMPipeline
+from ipcv_deploy.runtime.answers import LLMBackend
 from ipcv_deploy.runtime.testcard import make_test_card
+from ipcv_deploy.runtime.vllm_client import SERVER_COMMAND, VllmClient
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
     add_ipcv_args(parser)
     add_llm_backend_arg(parser)
+    add_vllm_args(parser)
     add_runtime_args(parser)
     add_prompt_args(parser)
     add_output_args(parser)
@@ -125,85 +133,95 @@ def sampling(args: argparse.Namespace) -> SamplingConfig:
     return SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
 
-def describe(pipeline: VLMPipeline) -> str:
-    """One line: model, vision backend and IPCV, LLM-side pruning."""
-    vision = pipeline.vision
+def format_stats(stats: dict[str, Any]) -> list[str]:
+    """The report lines after the answer (the KV cache on the transformers backend only)."""
+    ms = {k: 1000 * v for k, v in stats.items() if k.endswith("_s")}
+    vt = stats["visual_tokens"]
+    after = "after LLM pruning" if stats["llm_pruning"] else "(no LLM pruning)"
+    speed = stats["decode_tokens_per_s"]
+    stages = f"preprocess {ms['preprocess_s']:.1f}, vision {ms['vision_s']:.1f}"
+    if "prefill_s" in ms:
+        stages += f", stitch {ms['stitch_s']:.1f}, prefill {ms['prefill_s']:.1f}"
+    else:
+        stages += f", then the {stats['llm_backend']} server"
+    lines = [
+        f"time to first token  {ms['ttft_s']:.1f} ms ({stages})",
+        "decode               "
+        + (f"{speed:.1f} tokens/s" if speed else "-")
+        + f" ({stats['new_tokens']} new tokens, {ms['decode_s']:.1f} ms after the first)",
+        f"visual tokens        ViT {vt['vit_input']} -> {vt['vit_kept']} in the IPCV blocks -> "
+        f"{vt['llm_input']} to the LLM -> {vt['llm_kept']} {after}",
+    ]
+    kv = stats.get("kv")
+    if kv is not None:
+        mb = 1 / 2**20
+        lines.append(
+            f"KV cache             {kv['bytes_after_prefill'] * mb:.2f} MiB after prefill "
+            f"({kv['tokens_after_prefill']} of {kv['prompt_tokens']} prompt tokens; dense "
+            f"{kv['dense_bytes_after_prefill'] * mb:.2f} MiB), {kv['bytes_at_end'] * mb:.2f} MiB "
+            "at the end"
+        )
+    return lines
+
+
+def llm_backend(args: argparse.Namespace) -> LLMBackend:
+    """The LLM backend the options pick (``transformers`` or ``vllm``), its vision set up."""
+    pipeline = build_pipeline(args)
+    if args.llm_backend == "vllm":
+        if not args.vllm_url:
+            raise ConfigError(
+                "--llm-backend vllm needs --vllm-url URL: the base URL of a vLLM server "
+                f"started with `{SERVER_COMMAND}`"
+            )
+        return VllmClient(pipeline, args.vllm_url, args.vllm_model)
+    if args.vllm_url or args.vllm_model:
+        raise ConfigError("--vllm-url / --vllm-model are for --llm-backend vllm: drop them")
+    return pipeline
+
+
+def describe(backend: LLMBackend) -> str:
+    """One line: model, vision backend and IPCV, the LLM backend and its LLM-side pruning."""
+    front = backend.front if isinstance(backend, VllmClient) else backend
+    vision = front.vision
     ipcv = vision.ipcv
     vit = (
         "dense"
         if ipcv is None
         else f"IPCV K={ipcv['prune_layer']} keep {ipcv['keep_ratio']:.0%} AS={ipcv['as_layers']}"
     )
-    llm = "no LLM pruning"
-    if pipeline.llm_pruning is not None:
-        p = pipeline.llm_pruning
-        llm = f"{p.method} keep {p.keep:.0%} before layer {pipeline.llm_layer}"
-    return f"{pipeline.loaded.name}: vision {vision.name} ({vit}), {llm}"
-
-
-def format_stats(stats: dict[str, Any]) -> list[str]:
-    """The report lines after the answer."""
-    ms = {k: 1000 * v for k, v in stats.items() if k.endswith("_s")}
-    vt, kv = stats["visual_tokens"], stats["kv"]
-    after = "after LLM pruning" if stats["llm_pruning"] else "(no LLM pruning)"
-    speed = stats["decode_tokens_per_s"]
-    mb = 1 / 2**20
-    return [
-        f"time to first token  {ms['ttft_s']:.1f} ms (preprocess {ms['preprocess_s']:.1f}, "
-        f"vision {ms['vision_s']:.1f}, stitch {ms['stitch_s']:.1f}, prefill {ms['prefill_s']:.1f})",
-        "decode               "
-        + (f"{speed:.1f} tokens/s" if speed else "-")
-        + f" ({stats['new_tokens']} new tokens, {ms['decode_s']:.1f} ms after the first)",
-        f"visual tokens        ViT {vt['vit_input']} -> {vt['vit_kept']} in the IPCV blocks -> "
-        f"{vt['llm_input']} to the LLM -> {vt['llm_kept']} {after}",
-        f"KV cache             {kv['bytes_after_prefill'] * mb:.2f} MiB after prefill "
-        f"({kv['tokens_after_prefill']} of {kv['prompt_tokens']} prompt tokens; dense "
-        f"{kv['dense_bytes_after_prefill'] * mb:.2f} MiB), {kv['bytes_at_end'] * mb:.2f} MiB "
-        "at the end",
-    ]
-
-
-class _Streamer:
-    """Prints the new text of sample 0 after every token."""
-
-    def __init__(self, pipeline: VLMPipeline) -> None:
-        self.pipeline = pipeline
-        self.ids: list[int] = []
-        self.shown = ""
-
-    def __call__(self, step: int, tokens: torch.Tensor) -> None:
-        self.ids.append(int(tokens[0]))
-        text = self.pipeline.decode(torch.tensor(self.ids))
-        if text.startswith(self.shown):
-            sys.stdout.write(text[len(self.shown) :])
-            sys.stdout.flush()
-            self.shown = text
+    if isinstance(backend, VllmClient):
+        llm = f"LLM on vLLM {backend.model!r} at {backend.url}"
+    elif front.llm_pruning is not None:
+        p = front.llm_pruning
+        llm = f"{p.method} keep {p.keep:.0%} before layer {front.llm_layer}"
+    else:
+        llm = "no LLM pruning"
+    return f"{front.loaded.name}: vision {vision.name} ({vit}), {llm}"
 
 
 def run(args: argparse.Namespace) -> int:
     """Load, answer, report."""
-    pipeline = build_pipeline(args)
+    if args.raw_prompt and args.llm_backend == "vllm":
+        raise ConfigError(
+            "--raw-prompt is not for --llm-backend vllm: the server applies its chat template"
+        )
+    backend = llm_backend(args)
     image = args.image if args.image is not None else make_test_card()
     stream = not (args.json or args.no_stream)
     if not args.json:
-        print(describe(pipeline))
+        print(describe(backend))
         if args.image is None:
             print("image: built-in test card (pass --image FILE for yours)")
     if stream:
         sys.stdout.write("answer: ")
-    result = pipeline.run(
-        [image],
-        [args.prompt],
-        sampling(args),
-        on_token=_Streamer(pipeline) if stream else None,
-        raw_prompt=args.raw_prompt,
+    extra = {"raw_prompt": args.raw_prompt} if args.raw_prompt else {}
+    result = backend.answer(
+        image, args.prompt, sampling(args), on_text=stream_text if stream else None, **extra
     )
     if args.json:
-        print_json(
-            {"answer": result.answers[0], "tokens": result.tokens[0].tolist(), **result.stats}
-        )
+        print_json({"answer": result.answer, "tokens": result.tokens, **result.stats})
         return 0
-    print(f"answer: {result.answers[0]}" if not stream else "")
+    print(f"answer: {result.answer}" if not stream else "")
     for line in format_stats(result.stats):
         print(line)
     return 0

@@ -21,6 +21,7 @@ from ipcv_deploy.cli.common import (
     add_prompt_args,
     print_json,
     require_at_least,
+    stream_text,
 )
 from ipcv_deploy.errors import ConfigError
 
@@ -75,6 +76,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Load the package, answer, report."""
+    from ipcv_deploy.runtime.answers import SamplingConfig
     from ipcv_deploy.runtime.ort_genai import GenaiPipeline
     from ipcv_deploy.runtime.testcard import make_test_card
 
@@ -93,23 +95,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{data['source'].get('preset') or data['source'].get('path')}: ort-genai ({vit})")
         if args.image is None:
             print("image: built-in test card (pass --image FILE for yours)")
-    on_token = None
     if stream:
         sys.stdout.write("answer: ")
-        decoder = pipeline.tokenizer.create_stream()
-
-        def on_token(step: int, token: int) -> None:
-            sys.stdout.write(decoder.decode(token))
-            sys.stdout.flush()
-
-    result = pipeline.run(
+    result = pipeline.answer(
         image,
         args.prompt,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
-        args.seed,
-        on_token=on_token,
+        SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed),
+        on_text=stream_text if stream else None,
         raw_prompt=args.raw_prompt,
     )
     if args.json:

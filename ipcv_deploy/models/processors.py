@@ -18,7 +18,9 @@ from tokenizers import AddedToken, Tokenizer, decoders
 from tokenizers import models as token_models
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
+    AutoImageProcessor,
     AutoProcessor,
+    AutoTokenizer,
     InternVLProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
@@ -262,19 +264,41 @@ def load_processor(loaded: LoadedModel, image_size: ImageSize | None) -> Any:
         processor = AutoProcessor.from_pretrained(Path(loaded.name))
     except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
         reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-        if "torchvision" in reason.lower():
+        if "torchvision" in reason.lower() and model_type in _QWEN_TYPES:
+            processor = _images_only_checkpoint_processor(Path(loaded.name), model_type)
+        elif "torchvision" in reason.lower():
             raise BackendUnavailableError(
                 f"the processor of {loaded.name} needs torchvision (transformers' Qwen / "
                 f"InternVL processors load a video processor), which is not installed; pip "
                 f"install the torchvision release that matches torch {torch.__version__}"
             ) from None
-        raise ArtifactError(
-            f"could not load the processor of {loaded.name}: {reason or type(err).__name__}; "
-            "the directory needs the processor and tokenizer files saved with the model"
-        ) from None
+        else:
+            raise ArtifactError(
+                f"could not load the processor of {loaded.name}: {reason or type(err).__name__}; "
+                "the directory needs the processor and tokenizer files saved with the model"
+            ) from None
     if image_size is None:
         return processor
     return fit_processor(processor, model_type, image_size)
+
+
+def _images_only_checkpoint_processor(path: Path, model_type: str) -> Any:
+    """A Qwen checkpoint's processor without its video processor (which needs torchvision).
+
+    Its own image processor (the PIL one), tokenizer and chat template; images only.
+    """
+    cls = Qwen2VLProcessor if model_type == "qwen2_vl" else Qwen2_5_VLProcessor
+    try:
+        images = AutoImageProcessor.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, ImportError) as err:
+        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        raise ArtifactError(
+            f"could not load the image processor / tokenizer of {path}: "
+            f"{reason or type(err).__name__}; the directory needs the files saved with the model"
+        ) from None
+    template = getattr(tokenizer, "chat_template", None)
+    return images_only_processor(cls)(images, tokenizer, None, chat_template=template)
 
 
 def fit_processor(processor: Any, model_type: str, image_size: ImageSize) -> Any:

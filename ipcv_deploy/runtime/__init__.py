@@ -1,11 +1,13 @@
 """Runtime: a vision backend stitched to an LLM backend, for answers.
 
-``VLMPipeline`` (image + prompt -> streamed answer, batched; the transformers LLM backend,
-with LLM-side pruning), ``runtime.generate.generate`` (prefill with optional DART / FastV /
-TokenCarve pruning, then decoding), the vision backends (``torch_vision``,
-``artifact_vision``), the VQA evaluation loop (``runtime.evaluate``) and ``GenaiPipeline``
-(``runtime.ort_genai``: an ONNX Runtime GenAI package, without torch or transformers). Names
-load their modules when first used, so ``runtime.ort_genai`` imports without torch.
+Three LLM backends answer through one interface (``LLMBackend.answer`` -> ``Answer``):
+``VLMPipeline`` (transformers, the reference: image + prompt -> streamed answer, batched,
+with LLM-side pruning by ``runtime.generate.generate``), ``GenaiPipeline``
+(``runtime.ort_genai``: an ONNX Runtime GenAI package, without torch or transformers) and
+``VllmClient`` (``runtime.vllm_client``: our encoder here, a vLLM server for the LLM). Also
+the vision backends (``torch_vision``, ``artifact_vision``) and the VQA evaluation loop
+(``runtime.evaluate``). Names load their modules when first used, so ``runtime.ort_genai``
+imports without torch.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import importlib
 from typing import Any
 
 _HOMES = {
+    "Answer": "answers",
+    "LLMBackend": "answers",
+    "SamplingConfig": "answers",
     "Generation": "generate",
     "LLMInputs": "generate",
-    "SamplingConfig": "generate",
+    "EncodedBatch": "pipeline",
     "RunResult": "pipeline",
     "VLMPipeline": "pipeline",
     "load_image": "pipeline",
@@ -25,6 +30,7 @@ _HOMES = {
     "artifact_vision": "vision",
     "torch_vision": "vision",
     "GenaiPipeline": "ort_genai",
+    "VllmClient": "vllm_client",
 }
 
 __all__ = sorted(_HOMES)

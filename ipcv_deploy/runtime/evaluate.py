@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ipcv_deploy.errors import InputError
-from ipcv_deploy.runtime.generate import SamplingConfig
+from ipcv_deploy.errors import ConfigError, InputError
+from ipcv_deploy.runtime.answers import LLMBackend, SamplingConfig
 from ipcv_deploy.runtime.pipeline import VLMPipeline
 
 __all__ = ["EvalItem", "evaluate", "load_items", "normalize_answer", "score_answer"]
@@ -88,39 +88,56 @@ def score_answer(prediction: str, answers: Sequence[str]) -> dict[str, bool]:
 
 
 def evaluate(
-    pipelines: dict[str, VLMPipeline],
+    backends: dict[str, LLMBackend],
     items: Sequence[EvalItem],
     sampling: SamplingConfig,
     batch_size: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every pipeline (variant) over the items; accuracy, time and agreement per variant.
+    """Run every variant (an LLM backend) over the items; accuracy, time and agreement each.
 
     The first variant is the reference the others' ``agreement`` (identical answers) is
-    measured against.
+    measured against. ``batch_size`` above 1 batches prompts on the transformers backend.
+
+    Raises:
+        ConfigError: ``batch_size`` above 1 for another backend.
     """
     report: dict[str, Any] = {"items": len(items), "variants": {}, "predictions": []}
     predictions: dict[str, list[str]] = {}
-    for name, pipeline in pipelines.items():
+    for name, backend in backends.items():
+        if batch_size > 1 and not isinstance(backend, VLMPipeline):
+            raise ConfigError(
+                f"--batch {batch_size} batches prompts on --llm-backend transformers only; "
+                f"{backend.name} takes one at a time: drop --batch"
+            )
         answers: list[str] = []
         ttft, started = [], time.perf_counter()
         for first in range(0, len(items), batch_size):
             chunk = items[first : first + batch_size]
-            result = pipeline.run([i.image for i in chunk], [i.question for i in chunk], sampling)
-            answers += result.answers
-            ttft.append(result.stats["ttft_s"])
+            if isinstance(backend, VLMPipeline) and batch_size > 1:
+                result = backend.run(
+                    [i.image for i in chunk], [i.question for i in chunk], sampling
+                )
+                answers += result.answers
+                stats = result.stats
+            else:
+                one = backend.answer(chunk[0].image, chunk[0].question, sampling)
+                answers.append(one.answer)
+                stats = one.stats
+            ttft.append(stats["ttft_s"])
             if progress:
                 progress(f"{name}: {len(answers)}/{len(items)}")
         predictions[name] = answers
         scores = [score_answer(a, i.answers) for a, i in zip(answers, items, strict=True)]
         report["variants"][name] = {
+            "llm_backend": backend.name,
             "exact_match": sum(s["exact"] for s in scores) / len(items),
             "contains": sum(s["contains"] for s in scores) / len(items),
             "mean_ttft_s": sum(ttft) / len(ttft),
             "total_s": time.perf_counter() - started,
-            "visual_tokens": result.stats["visual_tokens"],
-            "ipcv": result.stats["ipcv"],
-            "llm_pruning": result.stats["llm_pruning"],
+            "visual_tokens": stats["visual_tokens"],
+            "ipcv": stats["ipcv"],
+            "llm_pruning": stats["llm_pruning"],
         }
     reference = next(iter(predictions.values()))
     for name, answers in predictions.items():

@@ -19,9 +19,10 @@ from torch import nn
 from transformers import DynamicCache
 
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
-from ipcv_deploy.errors import ConfigError, InputError
+from ipcv_deploy.errors import InputError
 from ipcv_deploy.hf_compat import cache_argument, cache_tensors
 from ipcv_deploy.models import synchronize
+from ipcv_deploy.runtime.answers import SamplingConfig
 from ipcv_deploy.runtime.prefill import PrefillPruner, PruningOutcome
 
 __all__ = [
@@ -56,30 +57,6 @@ class LLMInputs:
     inputs_embeds: torch.Tensor
     position_ids: torch.Tensor
     image_mask: torch.Tensor
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Decoding settings.
-
-    ``temperature`` 0 is greedy; ``stop_at_eos`` False always decodes ``max_new_tokens``
-    (benchmarks).
-    """
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    stop_at_eos: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(
-                f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, "
-                f"{self.top_p}"
-            )
 
 
 @dataclass

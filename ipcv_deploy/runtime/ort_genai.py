@@ -12,8 +12,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,11 @@ import numpy as np
 from ipcv_deploy.artifact import GenaiPackage, load_genai_package
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ArtifactError, BackendUnavailableError, InputError
+from ipcv_deploy.runtime.answers import Answer, SamplingConfig, TextCallback
 from ipcv_deploy.runtime.images import ImageInput, load_image
 from ipcv_deploy.runtime.prompts import check_placeholders
 
-__all__ = ["GenaiPipeline", "GenaiResult"]
-
-#: Called with (step, token id) after every generated token.
-TokenCallback = Callable[[int, int], None]
+__all__ = ["GenaiPipeline"]
 
 
 def _genai() -> Any:
@@ -40,21 +37,6 @@ def _genai() -> Any:
             "pip install 'ipcv-deploy[genai]'"
         ) from None
     return onnxruntime_genai
-
-
-@dataclass
-class GenaiResult:
-    """One answer: text, token ids, per-step logits (when asked for) and measurements.
-
-    ``stats`` holds seconds (``preprocess_s``, ``ttft_s``: image processing, vision,
-    embedding and prefill up to the first token; ``decode_s``), ``decode_tokens_per_s``,
-    ``new_tokens`` and ``visual_tokens`` (ViT input, kept, to the LLM).
-    """
-
-    answer: str
-    tokens: list[int]
-    logits: list[np.ndarray] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class GenaiPipeline:
@@ -119,23 +101,20 @@ class GenaiPipeline:
         ]
         return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
 
-    def run(
+    def answer(
         self,
         image: ImageInput,
         prompt: str,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        on_token: TokenCallback | None = None,
+        sampling: SamplingConfig | None = None,
+        on_text: TextCallback | None = None,
         raw_prompt: bool = False,
         return_logits: bool = False,
-        stop_at_eos: bool = True,
-    ) -> GenaiResult:
-        """Answer one (image, prompt) pair; greedy when ``temperature`` is 0.
+    ) -> Answer:
+        """Answer one (image, prompt) pair; greedy when the temperature is 0.
 
-        ``stop_at_eos`` False always decodes ``max_new_tokens`` (benchmarks).
+        ``return_logits`` keeps every step's logits in ``Answer.logits``.
         """
+        sampling = sampling or SamplingConfig()
         og = self._og
         start = time.perf_counter()
         buffer = io.BytesIO()
@@ -151,11 +130,16 @@ class GenaiPipeline:
         self._check_grid(grid)
 
         params = og.GeneratorParams(self.model)
-        search: dict[str, Any] = {"max_length": prompt_tokens + max_new_tokens}
-        if not stop_at_eos:
+        search: dict[str, Any] = {"max_length": prompt_tokens + sampling.max_new_tokens}
+        if not sampling.stop_at_eos:
             search["min_length"] = search["max_length"]
-        if temperature > 0:
-            search.update(do_sample=True, temperature=temperature, top_p=top_p, random_seed=seed)
+        if sampling.temperature > 0:
+            search.update(
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                random_seed=sampling.seed,
+            )
         else:
             search.update(do_sample=False, top_k=1)
         params.set_search_options(**search)
@@ -164,15 +148,16 @@ class GenaiPipeline:
         tokens: list[int] = []
         logits: list[np.ndarray] = []
         first = None
-        while not generator.is_done() and len(tokens) < max_new_tokens:
+        stream = self.tokenizer.create_stream()
+        while not generator.is_done() and len(tokens) < sampling.max_new_tokens:
             generator.generate_next_token()
             if return_logits:
                 logits.append(np.asarray(generator.get_output("logits"))[0, -1].copy())
             tokens.append(int(generator.get_next_tokens()[0]))
             if first is None:
                 first = time.perf_counter()
-            if on_token is not None:
-                on_token(len(tokens) - 1, tokens[-1])
+            if on_text is not None:
+                on_text(stream.decode(tokens[-1]))
         end = time.perf_counter()
         first = first or end
         decode = end - first
@@ -190,11 +175,17 @@ class GenaiPipeline:
             "new_tokens": len(tokens),
             "decode_tokens_per_s": (len(tokens) - 1) / decode if decode else None,
             "prompt_tokens": prompt_tokens,
-            "visual_tokens": {"vit_input": vit_input, "vit_kept": kept, "llm_input": llm_input},
+            "visual_tokens": {
+                "vit_input": vit_input,
+                "vit_kept": kept,
+                "llm_input": llm_input,
+                "llm_kept": llm_input,
+            },
             "llm_backend": self.name,
             "ipcv": self.ipcv,
+            "llm_pruning": None,
         }
-        return GenaiResult(self.decode(tokens), tokens, logits, stats)
+        return Answer(self.decode(tokens), tokens, stats, logits)
 
     def decode(self, tokens: Sequence[int]) -> str:
         """Text of generated token ids."""

@@ -27,10 +27,10 @@ from ipcv_deploy.models.processors import (
     load_processor,
     native_processor,
 )
+from ipcv_deploy.runtime.answers import Answer, SamplingConfig, TextCallback
 from ipcv_deploy.runtime.generate import (
     Generation,
     LLMInputs,
-    SamplingConfig,
     TokenCallback,
     generate,
     language_model,
@@ -39,7 +39,21 @@ from ipcv_deploy.runtime.images import ImageInput, load_image
 from ipcv_deploy.runtime.prompts import check_placeholders
 from ipcv_deploy.runtime.vision import VisionEncoder, artifact_vision, torch_vision
 
-__all__ = ["ImageInput", "RunResult", "VLMPipeline", "load_image"]
+__all__ = ["EncodedBatch", "ImageInput", "RunResult", "VLMPipeline", "load_image"]
+
+
+@dataclass
+class EncodedBatch:
+    """A processed batch and its image embeddings, before they meet the LLM.
+
+    ``batch`` is the processor's output, ``embeds`` [sum of ``tokens_per_image``, hidden] the
+    vision backend's, in image order; ``timings`` holds ``preprocess_s`` and ``vision_s``.
+    """
+
+    batch: Any
+    embeds: torch.Tensor
+    tokens_per_image: list[int]
+    timings: dict[str, float]
 
 
 @dataclass
@@ -66,6 +80,8 @@ class VLMPipeline:
         llm_pruning: LLM-side pruning, or ``None``.
         llm_layer: ``K_llm`` override (default: the method's reference layer).
     """
+
+    name = "transformers"
 
     def __init__(
         self,
@@ -218,10 +234,10 @@ class VLMPipeline:
                 f"the processor refused the prompt: {str(err).splitlines()[0]}"
             ) from None
 
-    def prepare(
+    def encode(
         self, images: Sequence[ImageInput], prompts: Sequence[str], raw_prompt: bool = False
-    ) -> tuple[LLMInputs, dict[str, float]]:
-        """Process, encode and stitch a batch; returns the LLM inputs and stage timings."""
+    ) -> EncodedBatch:
+        """Process a batch and run the vision backend: the LLM's image embeddings per image."""
         if len(images) != len(prompts) or not images:
             raise InputError(
                 f"one image per prompt: got {len(images)} images and {len(prompts)} prompts"
@@ -242,22 +258,28 @@ class VLMPipeline:
             expected = [embeds.shape[1]] * len(images)
         synchronize(embeds.device)
         timings["vision_s"] = time.perf_counter() - start
+        return EncodedBatch(batch, embeds.reshape(-1, embeds.shape[-1]), expected, timings)
 
+    def prepare(
+        self, images: Sequence[ImageInput], prompts: Sequence[str], raw_prompt: bool = False
+    ) -> tuple[LLMInputs, dict[str, float]]:
+        """Process, encode and stitch a batch; returns the LLM inputs and stage timings."""
+        encoded = self.encode(images, prompts, raw_prompt)
+        batch, embeds, expected = encoded.batch, encoded.embeds, encoded.tokens_per_image
+        timings = dict(encoded.timings)
         start = time.perf_counter()
         device = self.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         image_mask = ids == self.image_token_id
         counts = image_mask.sum(1)
-        if counts.tolist() != expected or embeds.reshape(-1, embeds.shape[-1]).shape[0] != sum(
-            expected
-        ):
+        if counts.tolist() != expected or embeds.shape[0] != sum(expected):
             raise InputError(
                 f"the prompts hold {counts.tolist()} image tokens but the encoder gives "
                 f"{expected}; use the model's own processor"
             )
         with torch.no_grad():
             inputs_embeds = self.model.get_input_embeddings()(ids)
-            inputs_embeds[image_mask] = embeds.reshape(-1, embeds.shape[-1]).to(inputs_embeds)
+            inputs_embeds[image_mask] = embeds.to(inputs_embeds)
         extra = {
             k: v.to(device) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()
@@ -282,6 +304,20 @@ class VLMPipeline:
         gen = generate(self.model, inputs, sampling, self.llm_pruning, self.llm_layer, on_token)
         answers = [self.decode(gen.tokens[b, : gen.lengths[b]]) for b in range(len(prompts))]
         return RunResult(answers, gen.tokens, self._stats(inputs, gen, timings))
+
+    def answer(
+        self,
+        image: ImageInput,
+        prompt: str,
+        sampling: SamplingConfig | None = None,
+        on_text: TextCallback | None = None,
+        raw_prompt: bool = False,
+    ) -> Answer:
+        """Answer one prompt (the ``LLMBackend`` interface), streaming through ``on_text``."""
+        stream = None if on_text is None else _TextStream(self, on_text)
+        result = self.run([image], [prompt], sampling, on_token=stream, raw_prompt=raw_prompt)
+        tokens = result.tokens[0, : result.stats["new_tokens"]].tolist()
+        return Answer(result.answers[0], tokens, result.stats)
 
     def decode(self, tokens: torch.Tensor) -> str:
         """Text of generated token ids, special tokens dropped."""
@@ -325,9 +361,27 @@ class VLMPipeline:
                 "dense_bytes_after_prefill": per_token * gen.prompt_tokens,
                 "bytes_at_end": per_token * (gen.kv_tokens + gen.tokens.shape[1] - 1),
             },
+            "llm_backend": self.name,
             "vision_backend": self.vision.name,
             "ipcv": self.vision.ipcv,
             "llm_pruning": None
             if self.llm_pruning is None
             else {**self.llm_pruning.to_dict(), "layer": self.llm_layer},
         }
+
+
+class _TextStream:
+    """Turns sample 0's new token ids into the new text (``on_token`` -> ``on_text``)."""
+
+    def __init__(self, pipeline: VLMPipeline, on_text: TextCallback) -> None:
+        self.pipeline = pipeline
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, step: int, tokens: torch.Tensor) -> None:
+        self.ids.append(int(tokens[0]))
+        text = self.pipeline.decode(torch.tensor(self.ids))
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.on_text(text[len(self.shown) :])
+            self.shown = text

@@ -17,7 +17,8 @@ from transformers import DynamicCache
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig, tokencarve_select
 from ipcv_deploy.errors import CompatibilityError
 from ipcv_deploy.models import load_model
-from ipcv_deploy.runtime.generate import LLMInputs, SamplingConfig, generate, language_model
+from ipcv_deploy.runtime.answers import SamplingConfig
+from ipcv_deploy.runtime.generate import LLMInputs, generate, language_model
 from ipcv_deploy.runtime.prefill import PrefillPruner, PruningOutcome
 
 IMAGE_SIDE = 8  # tiny Qwen2-VL: 224 px -> 16x16 patches -> 8x8 merged tokens

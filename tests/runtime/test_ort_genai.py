@@ -10,16 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from ipcv_deploy.cli import main
 from ipcv_deploy.errors import ArtifactError
-from ipcv_deploy.hf_compat import prefill_position_ids
 from ipcv_deploy.models import load_model
 from ipcv_deploy.runtime import SamplingConfig, VLMPipeline
 from ipcv_deploy.runtime.ort_genai import GenaiPipeline
 from ipcv_deploy.runtime.testcard import make_test_card
 from tests.conftest import NATIVE_MAX_PIXELS
+from tests.runtime.references import teacher_forced_logits
 
 pytest.importorskip("onnxruntime_genai", reason="the ort-genai backend needs onnxruntime-genai")
 
@@ -46,42 +45,23 @@ def packages(tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-def teacher_forced_logits(pipeline: VLMPipeline, tokens: list[int]) -> np.ndarray:
-    """The transformers LLM's logits for each generated token, given the ones before."""
-    inputs, _ = pipeline.prepare([card()], [PROMPT])
-    model = pipeline.model
-    ids = torch.cat([inputs.input_ids, torch.tensor([tokens[:-1]])], dim=1)
-    mask = torch.ones_like(ids)
-    batch = pipeline.processor(
-        text=[pipeline.format_prompt(PROMPT)], images=[card()], return_tensors="pt"
-    )
-    extra = {"attention_mask": mask, "image_grid_thw": batch["image_grid_thw"]}
-    if "mm_token_type_ids" in batch:  # text rows for the generated tokens
-        extra["mm_token_type_ids"] = torch.nn.functional.pad(
-            batch["mm_token_type_ids"], (0, len(tokens) - 1)
-        )
-    with torch.no_grad():
-        embeds = model.get_input_embeddings()(ids)
-        embeds[:, : inputs.input_ids.shape[1]] = inputs.inputs_embeds
-        positions = prefill_position_ids(model, ids, extra)
-        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-    return logits[0, inputs.input_ids.shape[1] - 1 :].numpy()
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_package_answers_like_the_transformers_backend(packages, name):
     """Same IPCV vision graph, ONNX Runtime GenAI's processor, embedding and decoder against
     the transformers LLM: identical greedy tokens, logits within 1e-4 at every step."""
     package = packages[name]
     genai = GenaiPipeline(package, expect_model=name)
-    ours = genai.run(card(), PROMPT, NEW_TOKENS, return_logits=True)
+    ours = genai.answer(card(), PROMPT, SamplingConfig(NEW_TOKENS), return_logits=True)
     reference = VLMPipeline.create(
         load_model(name), vision_backend="ort", artifact=package / "vision"
     )
     theirs = reference.run([card()], [PROMPT], SamplingConfig(NEW_TOKENS))
     assert ours.tokens == theirs.tokens[0].tolist()
     np.testing.assert_allclose(
-        np.stack(ours.logits), teacher_forced_logits(reference, ours.tokens), atol=1e-4, rtol=0
+        np.stack(ours.logits),
+        teacher_forced_logits(reference, card(), PROMPT, ours.tokens),
+        atol=1e-4,
+        rtol=0,
     )
     vt, ref_vt = ours.stats["visual_tokens"], theirs.stats["visual_tokens"]
     assert (vt["vit_input"], vt["vit_kept"], vt["llm_input"]) == (
@@ -113,7 +93,7 @@ def test_run_answers_in_a_process_that_cannot_import_torch(packages, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "0 []", done.stderr
     answer = json.loads(done.stdout)
-    expected = GenaiPipeline(package).run(card(), PROMPT, NEW_TOKENS)
+    expected = GenaiPipeline(package).answer(card(), PROMPT, SamplingConfig(NEW_TOKENS))
     assert answer["tokens"] == expected.tokens and answer["llm_backend"] == "ort-genai"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from PIL import Image
 from ipcv_deploy import IPCVConfig
 from ipcv_deploy.cli import main
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
-from ipcv_deploy.errors import ArtifactError, BackendUnavailableError, ConfigError, InputError
+from ipcv_deploy.errors import ArtifactError, ConfigError, InputError
 from ipcv_deploy.models import load_model
 from ipcv_deploy.runtime import SamplingConfig, VLMPipeline, load_image
 from ipcv_deploy.runtime.evaluate import evaluate, load_items, score_answer
@@ -332,16 +331,17 @@ def test_checkpoint_directory_uses_its_own_processor(tmp_path: Path) -> None:
         VLMPipeline.create(str(tmp_path))
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here"
-)
-def test_a_checkpoint_processor_that_needs_torchvision_says_so(tmp_path: Path) -> None:
-    """transformers' Qwen2-VL processor loads a video processor, which needs torchvision."""
+def test_a_qwen_checkpoint_without_torchvision_serves_images(tmp_path: Path) -> None:
+    """transformers' Qwen2-VL processor loads a video processor, which needs torchvision;
+    without it (as here), the checkpoint's own image processor, tokenizer and chat template
+    serve images, with the preset's answer."""
     loaded = load_model("tiny-qwen2-vl")
     loaded.model.save_pretrained(tmp_path)
     processor = VLMPipeline.create(loaded).processor
+    processor.tokenizer.chat_template = processor.chat_template
     processor.tokenizer.save_pretrained(tmp_path)
     processor.image_processor.save_pretrained(tmp_path)
     (tmp_path / "processor_config.json").write_text('{"processor_class": "Qwen2VLProcessor"}')
-    with pytest.raises(BackendUnavailableError, match=r"needs torchvision .*matches torch 2\."):
-        VLMPipeline.create(str(tmp_path))
+    from_dir = VLMPipeline.create(str(tmp_path)).run([make_test_card()], ["hi"], SamplingConfig(3))
+    preset = VLMPipeline.create(loaded).run([make_test_card()], ["hi"], SamplingConfig(3))
+    assert torch.equal(from_dir.tokens, preset.tokens)

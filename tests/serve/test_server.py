@@ -145,6 +145,14 @@ def test_unsupported_openai_fields_are_ignored_with_a_warning(server: Server) ->
     assert "ignored unsupported fields: logprobs, presence_penalty" in reply.headers["warning"]
 
 
+def test_the_vllm_backend_refuses_a_server_that_is_not_vllm(server: Server, capsys) -> None:
+    """Our own OpenAI server is not vLLM (no /tokenize, no image_embeds): one line, exit 2."""
+    argv = ["run", "--model", MODEL, "--llm-backend", "vllm", "--vllm-url", server.url]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "not a vLLM OpenAI server" in err
+
+
 def _big_png() -> bytes:
     return _png(make_test_card(1200, 1000))  # 1.2 MP, over the 1 MP limit
 

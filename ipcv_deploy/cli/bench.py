@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--llm-backend",
-        choices=LLM_BACKENDS,
+        choices=[b for b in LLM_BACKENDS if b != "vllm"],
         default="transformers",
         help="with --runtime: ort-genai sets transformers and ONNX Runtime GenAI side by side, "
         "dense and IPCV (exports the package into --workdir; needs onnxruntime-genai)",

@@ -57,7 +57,13 @@ def stream_text(text: str) -> None:
 
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
     """``--image``, ``--prompt``, ``--raw-prompt``, ``--no-stream`` of ``run``."""
-    parser.add_argument("--image", type=Path, help="image file (default: a built-in test card)")
+    parser.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        help="image file (default: a built-in test card); repeat it for several images in "
+        "one prompt, in order",
+    )
     parser.add_argument("--prompt", default="Describe the image.", help="the question")
     parser.add_argument(
         "--raw-prompt",

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
             "--raw-prompt is not for --llm-backend vllm: the server applies its chat template"
         )
     backend = llm_backend(args)
-    image = args.image if args.image is not None else make_test_card()
+    images = args.image if args.image is not None else [make_test_card()]
     stream = not (args.json or args.no_stream)
     if not args.json:
         print(describe(backend))
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("answer: ")
     extra = {"raw_prompt": args.raw_prompt} if args.raw_prompt else {}
     result = backend.answer(
-        image, args.prompt, sampling(args), on_text=stream_text if stream else None, **extra
+        images, args.prompt, sampling(args), on_text=stream_text if stream else None, **extra
     )
     if args.json:
         print_json({"answer": result.answer, "tokens": result.tokens, **result.stats})

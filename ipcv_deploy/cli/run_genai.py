@@ -69,6 +69,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
             "--llm-backend ort-genai runs a package: pass --artifact DIR (written by "
             "`ipcv-export export --format ort-genai`)"
         )
+    if args.image is not None and len(args.image) > 1:
+        raise ConfigError(
+            "--llm-backend ort-genai answers about one image per prompt: pass one --image "
+            "(several run on --llm-backend transformers or vllm)"
+        )
     require_at_least("--max-new-tokens", args.max_new_tokens, 1)
     require_at_least("--temperature", args.temperature, 0)
     return args
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"loading {args.artifact} ...", file=sys.stderr, flush=True)
     pipeline = GenaiPipeline(args.artifact, expect_model=args.model)
-    image = args.image if args.image is not None else make_test_card()
+    image = args.image[0] if args.image is not None else make_test_card()
     stream = not (args.json or args.no_stream)
     if not args.json:
         data = pipeline.package.data

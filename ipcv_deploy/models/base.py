@@ -53,6 +53,9 @@ class FamilyAdapter:
     native_resolution: ClassVar[bool] = False
     #: The family processor's default (min_pixels, max_pixels) for native resolution.
     native_pixels: ClassVar[tuple[int, int] | None] = None
+    #: True when the processor splits an image into tiles of the tower's size (InternVL's
+    #: dynamic tiling): the runtime keeps that tiling unless one static size is asked for.
+    dynamic_tiles: ClassVar[bool] = False
 
     def __init__(self, vision: nn.Module) -> None:
         """Bind the adapter to a vision tower of this family."""

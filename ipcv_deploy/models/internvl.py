@@ -40,6 +40,7 @@ class InternVLAdapter(FixedImageAdapter):
     vision_class_names = ("InternVLVisionModel",)
     num_prefix_tokens = 1
     global_topk_spans_call = False
+    dynamic_tiles = True
 
     image_unit = "tiles"
     size_hint = " (larger images are split into tiles by the processor)"

@@ -337,6 +337,28 @@ def fit_processor(processor: Any, model_type: str, image_size: ImageSize) -> Any
     return processor
 
 
+def tile_processor(processor: Any, tile: ImageSize) -> Any:
+    """InternVL's processor with its own dynamic tiling into ``tile`` (H, W) tiles.
+
+    Each image becomes the grid of tiles its aspect ratio fits best (``min_patches`` ..
+    ``max_patches``) plus a thumbnail when there are several, as the model's processor makes
+    them (``crop_to_patches``, which ``InternVLProcessor`` asks for at every call). Pads on the
+    left, as decoding needs. Returns ``processor`` (changed in place).
+    """
+    processor.tokenizer.padding_side = "left"
+    images = processor.image_processor
+    images.do_resize = True
+    images.size = {"height": int(tile[0]), "width": int(tile[1])}
+    return processor
+
+
+def tile_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int]:
+    """Tiles ``tile_processor``'s processor makes of images of ``sizes`` ((width, height))."""
+    images = processor.image_processor
+    options = getattr(processor, "images_kwargs", {})
+    return [images.get_number_of_image_patches(h, w, options) for w, h in sizes]
+
+
 def image_rows(model_type: str, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
     """The processor's ``pixel_values`` for ``batch`` one-image prompts, in row form [B, ...].
 

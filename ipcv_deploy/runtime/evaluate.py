@@ -1,9 +1,10 @@
 """A small VQA-style evaluation: (image, question, answer) items, dense vs compressed.
 
 The data is a JSON Lines file (or a folder holding exactly one ``*.jsonl``), one object per
-line: ``{"image": "path", "question": "...", "answer": "..." | ["...", ...]}``; image paths
-are relative to the file. Scores: exact match and "contains" after VQA-style normalisation
-(lower case, no punctuation or articles), against any of the reference answers.
+line: ``{"image": "path" | ["path", ...], "question": "...", "answer": "..." | ["...", ...]}``
+(several images: in the order the question takes them); image paths are relative to the
+file. Scores: exact match and "contains" after VQA-style normalisation (lower case, no
+punctuation or articles), against any of the reference answers.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ _PUNCTUATION = str.maketrans(dict.fromkeys(string.punctuation, " "))
 class EvalItem:
     """One question about one image, with its accepted answers."""
 
-    image: Path
+    #: The image, or the images of a several-image question, in order.
+    image: Path | tuple[Path, ...]
     question: str
     answers: tuple[str, ...]
 
@@ -59,7 +61,12 @@ def load_items(data: Path, limit: int | None = None) -> list[EvalItem]:
             record = json.loads(line)
             answers = record["answer"]
             answers = (answers,) if isinstance(answers, str) else tuple(map(str, answers))
-            items.append(EvalItem(data.parent / record["image"], str(record["question"]), answers))
+            image = record["image"]
+            if isinstance(image, list):
+                image = tuple(data.parent / i for i in image)
+            else:
+                image = data.parent / image
+            items.append(EvalItem(image, str(record["question"]), answers))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise InputError(
                 f"{data}:{number} is not an object with image, question and answer ({err})"
@@ -104,12 +111,13 @@ def evaluate(
     """
     report: dict[str, Any] = {"items": len(items), "variants": {}, "predictions": []}
     predictions: dict[str, list[str]] = {}
-    for name, backend in backends.items():
+    for backend in backends.values():
         if batch_size > 1 and not isinstance(backend, VLMPipeline):
             raise ConfigError(
                 f"--batch {batch_size} batches prompts on --llm-backend transformers only; "
                 f"{backend.name} takes one at a time: drop --batch"
             )
+    for name, backend in backends.items():
         answers: list[str] = []
         ttft, started = [], time.perf_counter()
         for first in range(0, len(items), batch_size):
@@ -146,7 +154,9 @@ def evaluate(
     for index, item in enumerate(items):
         report["predictions"].append(
             {
-                "image": str(item.image),
+                "image": str(item.image)
+                if isinstance(item.image, Path)
+                else [str(i) for i in item.image],
                 "question": item.question,
                 "answers": list(item.answers),
                 **{name: predictions[name][index] for name in predictions},

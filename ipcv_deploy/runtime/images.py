@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from ipcv_deploy.errors import InputError
 
-__all__ = ["ImageInput", "load_image"]
+__all__ = ["ImageInput", "PromptImages", "image_list", "load_image"]
 
 ImageInput = str | os.PathLike[str] | Image.Image
+#: The images of one prompt: one, or several in the order the prompt places them.
+PromptImages = ImageInput | Sequence[ImageInput]
+
+
+def image_list(images: PromptImages) -> list[ImageInput]:
+    """The images of one prompt as a list (a lone image is a list of one).
+
+    Raises:
+        InputError: an empty list.
+    """
+    found = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not found:
+        raise InputError("a prompt needs at least one image; pass --image FILE")
+    return found
 
 
 def load_image(image: ImageInput) -> Image.Image:

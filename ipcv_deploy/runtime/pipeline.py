@@ -26,6 +26,8 @@ from ipcv_deploy.models.processors import (
     image_rows,
     load_processor,
     native_processor,
+    tile_counts,
+    tile_processor,
 )
 from ipcv_deploy.runtime.answers import Answer, SamplingConfig, TextCallback
 from ipcv_deploy.runtime.generate import (
@@ -35,7 +37,7 @@ from ipcv_deploy.runtime.generate import (
     generate,
     language_model,
 )
-from ipcv_deploy.runtime.images import ImageInput, load_image
+from ipcv_deploy.runtime.images import ImageInput, PromptImages, image_list, load_image
 from ipcv_deploy.runtime.prompts import check_placeholders
 from ipcv_deploy.runtime.vision import VisionEncoder, artifact_vision, torch_vision
 
@@ -47,13 +49,25 @@ class EncodedBatch:
     """A processed batch and its image embeddings, before they meet the LLM.
 
     ``batch`` is the processor's output, ``embeds`` [sum of ``tokens_per_image``, hidden] the
-    vision backend's, in image order; ``timings`` holds ``preprocess_s`` and ``vision_s``.
+    vision backend's, in image order (prompt by prompt, ``images_per_prompt`` each);
+    ``timings`` holds ``preprocess_s`` and ``vision_s``.
     """
 
     batch: Any
     embeds: torch.Tensor
     tokens_per_image: list[int]
+    images_per_prompt: list[int]
+    #: Tiles per image (dynamic tiling); 1 for a native or one-size image.
+    tiles_per_image: list[int]
     timings: dict[str, float]
+
+    def tokens_per_prompt(self) -> list[int]:
+        """Image tokens of each prompt (all its images)."""
+        counts, start = [], 0
+        for n in self.images_per_prompt:
+            counts.append(sum(self.tokens_per_image[start : start + n]))
+            start += n
+        return counts
 
 
 @dataclass
@@ -98,6 +112,8 @@ class VLMPipeline:
         self.model_type = loaded.adapter.model_types[0]
         if vision.native:
             self.processor = native_processor(processor, vision.pixel_range)
+        elif vision.tiles:
+            self.processor = tile_processor(processor, vision.image_size)
         else:
             self.processor = fit_processor(processor, self.model_type, vision.image_size)
         self.llm_pruning = llm_pruning
@@ -164,7 +180,8 @@ class VLMPipeline:
             vision = artifact_vision(
                 loaded, Path(artifact), vision_backend, threads, engine, ort_provider, plugin_lib
             )
-        processor = load_processor(loaded, None if vision.native else vision.image_size)
+        fixed = not (vision.native or vision.tiles)
+        processor = load_processor(loaded, vision.image_size if fixed else None)
         return cls(loaded, vision, processor, llm_pruning)
 
     @property
@@ -178,19 +195,18 @@ class VLMPipeline:
         """The text the processor expands into image tokens."""
         return self.processor.image_token
 
-    def format_prompt(self, prompt: str, raw: bool = False) -> str:
-        """The chat-templated prompt with one image, or ``prompt`` itself when ``raw``.
+    def format_prompt(self, prompt: str, raw: bool = False, images: int = 1) -> str:
+        """The chat-templated prompt with ``images`` images first, or ``prompt`` when ``raw``.
 
         Raises:
-            InputError: a raw prompt without exactly one image placeholder, or a processor
+            InputError: a raw prompt without one image placeholder per image, or a processor
                 without a chat template.
         """
-        check_placeholders(prompt, self.placeholder, raw)
+        check_placeholders(prompt, self.placeholder, raw, images)
         if raw:
             return prompt
-        return self.chat_prompt(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        )
+        parts = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
+        return self.chat_prompt([{"role": "user", "content": parts}])
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         """A conversation through the chat template, ready for the assistant's turn.
@@ -211,39 +227,53 @@ class VLMPipeline:
             messages, add_generation_prompt=True, tokenize=False
         )
 
-    def prompt_length(self, image: ImageInput, prompt: str) -> int:
+    def prompt_length(self, image: PromptImages, prompt: str) -> int:
         """Tokens of one raw prompt (image placeholder expanded) as the LLM will see it.
 
         Raises:
             InputError: the image does not load, or the processor refuses the prompt.
         """
-        return int(self._process([image], [prompt], raw_prompt=True)["input_ids"].shape[1])
+        batch, _ = self._process([image_list(image)], [prompt], raw_prompt=True)
+        return int(batch["input_ids"].shape[1])
 
     def _process(
-        self, images: Sequence[ImageInput], prompts: Sequence[str], raw_prompt: bool
-    ) -> Any:
-        pil = [load_image(i) for i in images]
-        if not self.vision.native:  # one static size; native keeps the processor's own resize
+        self, images: Sequence[list[ImageInput]], prompts: Sequence[str], raw_prompt: bool
+    ) -> tuple[Any, list[int]]:
+        """The processor's batch, and the tiles of each image (1 but for dynamic tiles)."""
+        pil = [[load_image(i) for i in group] for group in images]
+        tiles = [1] * sum(len(g) for g in pil)
+        if self.vision.tiles:
+            tiles = tile_counts(self.processor, [i.size for g in pil for i in g])
+        elif not self.vision.native:  # one static size; native keeps the processor's resize
             height, width = self.vision.image_size
-            pil = [i.resize((width, height), Image.Resampling.BICUBIC) for i in pil]
-        texts = [self.format_prompt(p, raw_prompt) for p in prompts]
+            pil = [[i.resize((width, height), Image.Resampling.BICUBIC) for i in g] for g in pil]
+        texts = [
+            self.format_prompt(p, raw_prompt, len(g)) for p, g in zip(prompts, pil, strict=True)
+        ]
+        flat = pil if any(len(g) > 1 for g in pil) else [g[0] for g in pil]
         try:
-            return self.processor(text=texts, images=pil, return_tensors="pt", padding=True)
+            batch = self.processor(text=texts, images=flat, return_tensors="pt", padding=True)
         except ValueError as err:
             raise InputError(
                 f"the processor refused the prompt: {str(err).splitlines()[0]}"
             ) from None
+        return batch, tiles
 
     def encode(
-        self, images: Sequence[ImageInput], prompts: Sequence[str], raw_prompt: bool = False
+        self, images: Sequence[PromptImages], prompts: Sequence[str], raw_prompt: bool = False
     ) -> EncodedBatch:
-        """Process a batch and run the vision backend: the LLM's image embeddings per image."""
+        """Process a batch and run the vision backend: the LLM's image embeddings per image.
+
+        ``images`` holds each prompt's image, or its images in the order the prompt takes.
+        """
         if len(images) != len(prompts) or not images:
             raise InputError(
-                f"one image per prompt: got {len(images)} images and {len(prompts)} prompts"
+                f"one image (or list of images) per prompt: got {len(images)} for "
+                f"{len(prompts)} prompts"
             )
+        groups = [image_list(i) for i in images]
         start = time.perf_counter()
-        batch = self._process(images, prompts, raw_prompt)
+        batch, tiles = self._process(groups, prompts, raw_prompt)
         timings = {"preprocess_s": time.perf_counter() - start}
 
         start = time.perf_counter()
@@ -253,19 +283,24 @@ class VLMPipeline:
             merge = self.loaded.vision.spatial_merge_size**2
             expected = (grid.prod(-1) // merge).tolist()
         else:
-            rows = image_rows(self.model_type, batch["pixel_values"], len(images))
+            rows = image_rows(self.model_type, batch["pixel_values"], sum(tiles))
             embeds = self.vision.backend(rows)["image_embeds"]
-            expected = [embeds.shape[1]] * len(images)
+            expected = [n * embeds.shape[1] for n in tiles]
         synchronize(embeds.device)
         timings["vision_s"] = time.perf_counter() - start
-        return EncodedBatch(batch, embeds.reshape(-1, embeds.shape[-1]), expected, timings)
+        sizes = [len(g) for g in groups]
+        flat = embeds.reshape(-1, embeds.shape[-1])
+        return EncodedBatch(batch, flat, expected, sizes, tiles, timings)
 
     def prepare(
-        self, images: Sequence[ImageInput], prompts: Sequence[str], raw_prompt: bool = False
+        self, images: Sequence[PromptImages], prompts: Sequence[str], raw_prompt: bool = False
     ) -> tuple[LLMInputs, dict[str, float]]:
         """Process, encode and stitch a batch; returns the LLM inputs and stage timings."""
-        encoded = self.encode(images, prompts, raw_prompt)
-        batch, embeds, expected = encoded.batch, encoded.embeds, encoded.tokens_per_image
+        return self.stitch(self.encode(images, prompts, raw_prompt))
+
+    def stitch(self, encoded: EncodedBatch) -> tuple[LLMInputs, dict[str, float]]:
+        """The image embeddings in the prompts' placeholder rows: the LLM inputs, timings."""
+        batch, embeds, expected = encoded.batch, encoded.embeds, encoded.tokens_per_prompt()
         timings = dict(encoded.timings)
         start = time.perf_counter()
         device = self.device
@@ -292,49 +327,64 @@ class VLMPipeline:
 
     def run(
         self,
-        images: Sequence[ImageInput],
+        images: Sequence[PromptImages],
         prompts: Sequence[str],
         sampling: SamplingConfig | None = None,
         on_token: TokenCallback | None = None,
         raw_prompt: bool = False,
     ) -> RunResult:
-        """Answer every (image, prompt) pair of the batch."""
+        """Answer every prompt of the batch about its image (or its images, in order)."""
         sampling = sampling or SamplingConfig()
-        inputs, timings = self.prepare(images, prompts, raw_prompt)
+        encoded = self.encode(images, prompts, raw_prompt)
+        inputs, timings = self.stitch(encoded)
         gen = generate(self.model, inputs, sampling, self.llm_pruning, self.llm_layer, on_token)
         answers = [self.decode(gen.tokens[b, : gen.lengths[b]]) for b in range(len(prompts))]
-        return RunResult(answers, gen.tokens, self._stats(inputs, gen, timings))
+        return RunResult(answers, gen.tokens, self._stats(encoded, inputs, gen, timings))
+
+    def visual_tokens(self, encoded: EncodedBatch, prompt: int = 0) -> dict[str, int]:
+        """ViT input, kept inside the IPCV blocks and LLM input of one prompt's images."""
+        first = sum(encoded.images_per_prompt[:prompt])
+        count = encoded.images_per_prompt[prompt]
+        llm = encoded.tokens_per_image[first : first + count]
+        if not self.vision.native:
+            tiles = encoded.tiles_per_image[first : first + count]
+            vit = [n * self.vision.tokens_per_image for n in tiles]
+            kept = [n * self.vision.kept_per_image for n in tiles]
+        else:  # each image at its own grid
+            vit = [n * self.loaded.vision.spatial_merge_size**2 for n in llm]
+            ipcv = self.vision.ipcv
+            config = None if ipcv is None else IPCVConfig.from_dict(ipcv)
+            kept = vit if config is None else [config.kept_count(n) for n in vit]
+        return {"vit_input": sum(vit), "vit_kept": sum(kept), "llm_input": sum(llm)}
 
     def answer(
         self,
-        image: ImageInput,
+        image: PromptImages,
         prompt: str,
         sampling: SamplingConfig | None = None,
         on_text: TextCallback | None = None,
         raw_prompt: bool = False,
     ) -> Answer:
-        """Answer one prompt (the ``LLMBackend`` interface), streaming through ``on_text``."""
+        """Answer one prompt about its image or images (``LLMBackend``), streamed to ``on_text``."""
         stream = None if on_text is None else _TextStream(self, on_text)
         result = self.run([image], [prompt], sampling, on_token=stream, raw_prompt=raw_prompt)
         tokens = result.tokens[0, : result.stats["new_tokens"]].tolist()
         return Answer(result.answers[0], tokens, result.stats)
 
-    def decode(self, tokens: torch.Tensor) -> str:
+    def decode(self, tokens: torch.Tensor | Sequence[int]) -> str:
         """Text of generated token ids, special tokens dropped."""
         return self.processor.decode(tokens, skip_special_tokens=True)
 
     def _stats(
-        self, inputs: LLMInputs, gen: Generation, timings: dict[str, float]
+        self,
+        encoded: EncodedBatch,
+        inputs: LLMInputs,
+        gen: Generation,
+        timings: dict[str, float],
     ) -> dict[str, Any]:
-        per_image = int(inputs.image_mask[0].sum())
-        vit_input, vit_kept = self.vision.tokens_per_image, self.vision.kept_per_image
-        if self.vision.native:  # the first prompt's image, at its own grid
-            vit_input = per_image * self.loaded.vision.spatial_merge_size**2
-            ipcv = self.vision.ipcv
-            vit_kept = (
-                vit_input if ipcv is None else IPCVConfig.from_dict(ipcv).kept_count(vit_input)
-            )
-        llm_kept = per_image if gen.pruning is None else int(gen.pruning.image_kept.shape[1])
+        visual = self.visual_tokens(encoded)  # the first prompt's images
+        per_prompt = visual["llm_input"]
+        llm_kept = per_prompt if gen.pruning is None else int(gen.pruning.image_kept.shape[1])
         new_tokens = sum(gen.lengths)
         batch = len(gen.lengths)
         per_token = gen.kv_bytes // max(gen.kv_tokens, 1)
@@ -348,12 +398,7 @@ class VLMPipeline:
             "decode_tokens_per_s": (new_tokens - batch) / gen.decode_s if gen.decode_s else None,
             "batch": batch,
             "prompt_tokens_per_sample": inputs.attention_mask.sum(1).tolist(),
-            "visual_tokens": {
-                "vit_input": vit_input,
-                "vit_kept": vit_kept,
-                "llm_input": per_image,
-                "llm_kept": llm_kept,
-            },
+            "visual_tokens": {**visual, "llm_kept": llm_kept},
             "kv": {
                 "prompt_tokens": gen.prompt_tokens,
                 "tokens_after_prefill": gen.kv_tokens,
@@ -381,7 +426,7 @@ class _TextStream:
 
     def __call__(self, step: int, tokens: torch.Tensor) -> None:
         self.ids.append(int(tokens[0]))
-        text = self.pipeline.decode(torch.tensor(self.ids))
+        text = self.pipeline.decode(self.ids)
         if text.startswith(self.shown) and len(text) > len(self.shown):
             self.on_text(text[len(self.shown) :])
             self.shown = text

@@ -7,17 +7,18 @@ from ipcv_deploy.errors import InputError
 __all__ = ["check_placeholders"]
 
 
-def check_placeholders(prompt: str, placeholder: str, raw: bool) -> None:
-    """A raw prompt holds the placeholder exactly once; a templated one not at all.
+def check_placeholders(prompt: str, placeholder: str, raw: bool, images: int = 1) -> None:
+    """A raw prompt holds the placeholder once per image; a templated one not at all.
 
     Raises:
         InputError: naming the count and the fix.
     """
     count = prompt.count(placeholder)
-    if raw and count != 1:
+    if raw and count != images:
+        needs = "exactly one" if images == 1 else f"one per image ({images})"
         raise InputError(
             f"the prompt has {count} image placeholders {placeholder!r}; a raw prompt "
-            "needs exactly one (or leave out --raw-prompt to use the chat template)"
+            f"needs {needs} (or leave out --raw-prompt to use the chat template)"
         )
     if not raw and count:
         raise InputError(

@@ -41,6 +41,8 @@ class VisionEncoder:
         native: images keep their own size: the processor's ``smart_resize`` decides the
             grid (Qwen), inside ``pixel_range`` when the encoder has one.
         pixel_range: (min, max) pixels a native artifact takes, ``None`` for any.
+        tiles: the processor splits each image into tiles of ``image_size`` as the model
+            does (InternVL's dynamic tiling); the counts above are per tile.
     """
 
     backend: VisionBackend
@@ -50,6 +52,7 @@ class VisionEncoder:
     ipcv: dict[str, Any] | None
     native: bool = False
     pixel_range: tuple[int, int] | None = None
+    tiles: bool = False
 
     @property
     def name(self) -> str:
@@ -62,7 +65,8 @@ def torch_vision(
 ) -> VisionEncoder:
     """The PyTorch reference encoder (IPCV when ``config`` is given, else dense).
 
-    Qwen families run at native resolution unless ``image_size`` fixes one size.
+    Qwen families run at native resolution and InternVL on its processor's dynamic tiles,
+    unless ``image_size`` fixes one size.
     """
     if loaded.model is None:
         raise ConfigError(
@@ -80,6 +84,7 @@ def torch_vision(
         kept,
         None if config is None else config.to_dict(),
         native=native,
+        tiles=image_size is None and loaded.adapter.dynamic_tiles,
     )
 
 
@@ -166,4 +171,5 @@ def artifact_vision(
         m.ipcv,
         native=m.native is not None,
         pixel_range=pixel_range,
+        tiles=loaded.adapter.dynamic_tiles,  # the artifact takes any number of its tiles
     )

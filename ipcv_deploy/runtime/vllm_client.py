@@ -23,10 +23,9 @@ import httpx
 import numpy as np
 import torch
 
-from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import BackendUnavailableError, ConfigError, InputError
 from ipcv_deploy.runtime.answers import Answer, SamplingConfig, TextCallback
-from ipcv_deploy.runtime.images import ImageInput
+from ipcv_deploy.runtime.images import PromptImages
 from ipcv_deploy.runtime.pipeline import VLMPipeline
 
 __all__ = ["SERVER_COMMAND", "VllmClient", "serialize_tensor"]
@@ -81,7 +80,7 @@ class VllmClient:
         self.front = front
         self.url = url.rstrip("/").removesuffix("/v1")
         self.http = httpx.Client(base_url=self.url, timeout=timeout)
-        self.model, self.max_model_len = self._served_model(model)
+        self.model = self._served_model(model)
         self._check_tokenizer()
 
     # --- server checks ---------------------------------------------------------------------
@@ -100,7 +99,7 @@ class VllmClient:
             )
         return response.json()
 
-    def _served_model(self, wanted: str | None) -> tuple[str, int | None]:
+    def _served_model(self, wanted: str | None) -> str:
         cards = self._get("/v1/models").get("data", [])
         ids = [card["id"] for card in cards]
         if wanted is None and len(ids) == 1:
@@ -113,7 +112,7 @@ class VllmClient:
             )
         card = next(c for c in cards if c["id"] == wanted)
         self._check_width(card)
-        return wanted, card.get("max_model_len")
+        return wanted
 
     def _check_width(self, card: dict[str, Any]) -> None:
         """Where the served checkpoint is on this machine, its LLM width must be ours."""
@@ -154,81 +153,81 @@ class VllmClient:
             )
 
     # --- requests ------------------------------------------------------------------------------
-    def messages(self, embeds: torch.Tensor, grid: Sequence[int], prompt: str) -> list[dict]:
-        """The chat messages of one image (its embeddings and grid) and one question.
+    def messages(
+        self, embeds: Sequence[torch.Tensor], grids: Sequence[Sequence[int]], prompt: str
+    ) -> list[dict]:
+        """The chat message of the images (their embeddings and grids, in order) and the question.
 
         Raises:
-            InputError: embeddings that do not fit the grid or the LLM (vLLM 0.32 would take
+            InputError: embeddings that do not fit their grid or the LLM (vLLM 0.32 would take
                 them and crash its engine, so they are refused here).
         """
-        grid = [int(g) for g in grid]
-        merge = self.front.loaded.vision.spatial_merge_size**2
-        rows = grid[0] * grid[1] * grid[2] // merge if len(grid) == 3 else None
-        width = self.front.model.get_input_embeddings().embedding_dim
-        if rows is None or embeds.ndim != 2 or embeds.shape != (rows, width):
+        if len(embeds) != len(grids) or not embeds:
             raise InputError(
-                f"image embeddings {tuple(embeds.shape)} do not fit image_grid_thw {grid} and "
-                f"the LLM's width {width} (expected [{rows}, {width}]); pass the vision "
-                "backend's output with its own grid"
+                f"{len(embeds)} image embeddings for {len(grids)} grids: pass one grid per image"
             )
-        part = {
-            "type": "image_embeds",
-            "image_embeds": {"image_embeds": serialize_tensor(embeds), "image_grid_thw": grid},
-        }
-        return [{"role": "user", "content": [part, {"type": "text", "text": prompt}]}]
+        merge = self.front.loaded.vision.spatial_merge_size**2
+        width = self.front.model.get_input_embeddings().embedding_dim
+        parts = []
+        for image, grid in zip(embeds, grids, strict=True):
+            grid = [int(g) for g in grid]
+            rows = grid[0] * grid[1] * grid[2] // merge if len(grid) == 3 else None
+            if rows is None or image.ndim != 2 or tuple(image.shape) != (rows, width):
+                raise InputError(
+                    f"image embeddings {tuple(image.shape)} do not fit image_grid_thw {grid} "
+                    f"and the LLM's width {width} (expected [{rows}, {width}]); pass the vision "
+                    "backend's output with its own grid"
+                )
+            data = {"image_embeds": serialize_tensor(image), "image_grid_thw": grid}
+            parts.append({"type": "image_embeds", "image_embeds": data})
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
 
     def answer(
         self,
-        image: ImageInput,
+        image: PromptImages,
         prompt: str,
         sampling: SamplingConfig | None = None,
         on_text: TextCallback | None = None,
     ) -> Answer:
-        """Encode one image here, answer the prompt on the server (streamed)."""
+        """Encode the prompt's image (or images) here, answer on the server (streamed)."""
         start = time.perf_counter()
         encoded = self.front.encode([image], [prompt])
-        grid = encoded.batch["image_grid_thw"][0].tolist()
-        answer = self.complete(encoded.embeds, grid, prompt, sampling, on_text)
+        grids = encoded.batch["image_grid_thw"].tolist()
+        embeds = list(encoded.embeds.split(encoded.tokens_per_image))
+        answer = self.complete(embeds, grids, prompt, sampling, on_text)
         stats = answer.stats
         stats.update(encoded.timings)
         stats["ttft_s"] += time.perf_counter() - start - stats["request_s"]
-        llm_input = encoded.tokens_per_image[0]
-        vit_input = llm_input * self.front.loaded.vision.spatial_merge_size**2
-        ipcv = self.front.vision.ipcv
-        kept = vit_input if ipcv is None else IPCVConfig.from_dict(ipcv).kept_count(vit_input)
-        stats["visual_tokens"] = {
-            "vit_input": vit_input,
-            "vit_kept": kept,
-            "llm_input": llm_input,
-            "llm_kept": llm_input,
-        }
-        stats.update(vision_backend=self.front.vision.name, ipcv=ipcv)
+        visual = self.front.visual_tokens(encoded)
+        stats["visual_tokens"] = {**visual, "llm_kept": visual["llm_input"]}
+        stats.update(vision_backend=self.front.vision.name, ipcv=self.front.vision.ipcv)
         return answer
 
     def complete(
         self,
-        embeds: torch.Tensor,
-        grid: Sequence[int],
+        embeds: Sequence[torch.Tensor],
+        grids: Sequence[Sequence[int]],
         prompt: str,
         sampling: SamplingConfig | None = None,
         on_text: TextCallback | None = None,
     ) -> Answer:
-        """Answer ``prompt`` about one image given as its LLM embeddings and its grid.
+        """Answer ``prompt`` about images given as their LLM embeddings and grids.
 
         Args:
-            embeds: [t*h*w / merge**2, hidden] image embeddings (any vision backend's).
-            grid: the image's ``image_grid_thw`` row (t, h, w).
-            prompt: the question; the server's chat template places the image before it.
+            embeds: per image, [t*h*w / merge**2, hidden] embeddings (any vision backend's).
+            grids: per image, its ``image_grid_thw`` row (t, h, w).
+            prompt: the question; the server's chat template places the images before it.
             sampling: decoding settings (default greedy, 32 tokens).
             on_text: called with each streamed piece of the answer.
 
         Raises:
-            InputError: the server refused the request (its message, one line).
+            InputError: embeddings that do not fit, or the server refused the request (its
+                message, one line).
         """
         sampling = sampling or SamplingConfig()
         body = {
             "model": self.model,
-            "messages": self.messages(embeds, grid, prompt),
+            "messages": self.messages(embeds, grids, prompt),
             "max_tokens": sampling.max_new_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,

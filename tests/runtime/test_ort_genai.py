@@ -114,6 +114,30 @@ def _error(capsys, argv) -> str:
     return err[-1]
 
 
+def test_eval_scores_a_package_against_the_dense_transformers_model(packages, tmp_path, capsys):
+    card().save(tmp_path / "card.png")
+    item = {"image": "card.png", "question": PROMPT, "answer": "four"}
+    data = tmp_path / "vqa.jsonl"
+    data.write_text("\n".join(json.dumps(item) for _ in range(2)))
+    package = str(packages["tiny-qwen2-vl"])
+    argv = ["eval", str(data), "--model", "tiny-qwen2-vl", "--llm-backend", "ort-genai"]
+    assert main([*argv, "--artifact", package, "--max-new-tokens", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    variants = report["variants"]
+    assert list(variants) == ["dense (transformers)", "compressed (ort-genai)"]
+    assert variants["compressed (ort-genai)"]["llm_backend"] == "ort-genai"
+    vt = variants["compressed (ort-genai)"]["visual_tokens"]
+    assert (
+        vt["vit_kept"]
+        < vt["vit_input"]
+        == variants["dense (transformers)"]["visual_tokens"]["vit_kept"]
+    )
+    assert _error(capsys, [*argv, "--artifact", package, "--batch", "2"]).endswith(
+        "takes one at a time: drop --batch"
+    )
+    assert "evaluates a package: pass --artifact DIR" in _error(capsys, argv)
+
+
 def test_bad_packages_and_options_are_one_line_errors(packages, tmp_path, capsys):
     package = packages["tiny-qwen2-vl"]
     run = ["run", "--llm-backend", "ort-genai", "--artifact"]
@@ -126,6 +150,8 @@ def test_bad_packages_and_options_are_one_line_errors(packages, tmp_path, capsys
         capsys, [*run, str(package), "--llm-pruning", "dart"]
     )
     assert "pass --artifact DIR" in _error(capsys, ["run", "--llm-backend", "ort-genai"])
+    two = ["--image", "a.png", "--image", "b.png"]
+    assert "one image per prompt: pass one --image" in _error(capsys, [*run, str(package), *two])
 
     modified = tmp_path / "modified"
     shutil.copytree(package, modified)

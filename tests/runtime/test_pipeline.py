@@ -106,6 +106,62 @@ def test_native_resolution_generates_what_the_hf_model_does(name: str) -> None:
     assert ours.stats["visual_tokens"]["vit_input"] == 320  # the first prompt's image
 
 
+@pytest.mark.parametrize("name", RUNTIME_PRESETS)
+def test_several_images_per_prompt_generate_what_the_hf_model_does(name: str) -> None:
+    """Two images in one prompt, one in the other, keep 1.0: token for token the
+    transformers model's generate on the processor's outputs; IPCV then counts each image's
+    kept tokens on its own."""
+    loaded = load_model(name)
+    keep_all = dataclasses.replace(loaded.adapter.reference_ipcv(), keep_ratio=1.0)
+    pipeline = VLMPipeline.create(loaded, ipcv=keep_all)
+    a, b = _native_cards() if pipeline.vision.native else _images(pipeline)
+    groups = [[a, b], [b]]
+    texts = [pipeline.format_prompt(p, images=len(g)) for p, g in zip(PROMPTS, groups, strict=True)]
+    batch = pipeline.processor(text=texts, images=groups, return_tensors="pt", padding=True)
+    ref = loaded.model.generate(**batch, max_new_tokens=6, do_sample=False)
+    ours = pipeline.run(groups, PROMPTS, SamplingConfig(6))
+    assert torch.equal(ours.tokens, ref[:, batch["input_ids"].shape[1] :])
+    one = [pipeline.run([[image]], PROMPTS[:1], SamplingConfig(1)) for image in (a, b)]
+    vt = ours.stats["visual_tokens"]  # the first prompt: both images
+    for key in ("vit_input", "llm_input"):
+        assert vt[key] == sum(r.stats["visual_tokens"][key] for r in one)
+    ipcv = VLMPipeline.create(loaded, ipcv=loaded.adapter.reference_ipcv())
+    vt = ipcv.run(groups, PROMPTS, SamplingConfig(1)).stats["visual_tokens"]
+    kept = [ipcv.run([image], PROMPTS[:1], SamplingConfig(1)) for image in (a, b)]
+    assert vt["vit_kept"] == sum(r.stats["visual_tokens"]["vit_kept"] for r in kept)
+
+
+def test_internvl_dynamic_tiles_generate_what_the_hf_model_does(exports) -> None:
+    """InternVL keeps its processor's dynamic tiling (a 4:3 image: 12 tiles + a thumbnail):
+    keep 1.0 is token for token the transformers model's generate; IPCV keeps its count per
+    tile; the exported encoder (a tile per row, any number of rows) answers like torch."""
+    loaded = load_model("tiny-internvl")
+    reference = loaded.adapter.reference_ipcv()
+    pipeline = VLMPipeline.create(loaded, ipcv=dataclasses.replace(reference, keep_ratio=1.0))
+    assert pipeline.vision.tiles and pipeline.vision.image_size == (112, 112)
+    images = [make_test_card(), make_test_card(112, 112)]  # 448x336: 13 tiles; 112x112: 1
+    texts = [pipeline.format_prompt(p) for p in PROMPTS]
+    batch = pipeline.processor(text=texts, images=images, return_tensors="pt", padding=True)
+    assert batch["pixel_values"].shape[0] == 14
+    ref = loaded.model.generate(**batch, max_new_tokens=6, do_sample=False)
+    ours = pipeline.run(images, PROMPTS, SamplingConfig(6))
+    assert torch.equal(ours.tokens, ref[:, batch["input_ids"].shape[1] :])
+    assert ours.stats["visual_tokens"]["vit_input"] == 13 * pipeline.vision.tokens_per_image
+    ipcv = VLMPipeline.create(loaded, ipcv=reference)
+    artifact = exports("tiny-internvl", target="ort").path
+    ort = VLMPipeline.create(loaded, vision_backend="ort", artifact=artifact)
+    assert ort.vision.tiles
+    a, b = (p.run(images, PROMPTS, SamplingConfig(6)) for p in (ort, ipcv))
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.stats["visual_tokens"] == b.stats["visual_tokens"]
+    assert b.stats["visual_tokens"]["vit_kept"] == 13 * ipcv.vision.kept_per_image
+    fixed = VLMPipeline.create(loaded, ipcv=reference, image_size=(112, 112))
+    assert not fixed.vision.tiles  # --image-size: one tile of that size per image
+    assert fixed.run(images, PROMPTS, SamplingConfig(1)).stats["visual_tokens"]["vit_input"] == (
+        fixed.vision.tokens_per_image
+    )
+
+
 def test_native_artifact_answers_like_torch(exports) -> None:
     from ipcv_deploy.export import PixelRange
 
@@ -140,6 +196,9 @@ def test_prompt_placeholder_rules() -> None:
     assert pipeline.format_prompt("USER: <image>\nhi ASSISTANT:", raw=True)
     with pytest.raises(InputError, match="needs exactly one"):
         pipeline.format_prompt("no image here", raw=True)
+    assert pipeline.format_prompt("hi", images=2).count("<image>") == 2
+    with pytest.raises(InputError, match=r"needs one per image \(2\)"):
+        pipeline.format_prompt("USER: <image>\nhi ASSISTANT:", raw=True, images=2)
     with pytest.raises(InputError, match="the chat template adds it"):
         pipeline.format_prompt("<image> twice")
 
@@ -304,6 +363,19 @@ def test_right_padded_prompts_are_refused_and_checkpoints_pad_left(tmp_path: Pat
     flipped = dataclasses.replace(inputs, attention_mask=inputs.attention_mask.flip(1))
     with pytest.raises(InputError, match="not left-padded"):
         generate(pipeline.model, flipped, SamplingConfig(2))
+
+
+def test_eval_item_with_several_images(tmp_path: Path) -> None:
+    for name, size in (("a.png", (224, 280)), ("b.png", (90, 120))):
+        make_test_card(*size).save(tmp_path / name)
+    item = {"image": ["a.png", "b.png"], "question": "Same?", "answer": "no"}
+    (tmp_path / "two.jsonl").write_text(json.dumps(item))
+    (loaded,) = load_items(tmp_path)
+    assert loaded.image == (tmp_path / "a.png", tmp_path / "b.png")
+    pipeline = VLMPipeline.create("tiny-qwen2-vl")
+    report = evaluate({"dense": pipeline}, [loaded], SamplingConfig(2))
+    assert report["predictions"][0]["image"] == [str(i) for i in loaded.image]
+    assert report["variants"]["dense"]["visual_tokens"]["vit_input"] == 320 + 48
 
 
 def test_scoring_and_data_errors(tmp_path: Path) -> None:

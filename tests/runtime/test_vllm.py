@@ -172,12 +172,24 @@ def test_vllm_answers_like_the_transformers_backend(checkpoint, server):
         assert ours.stats["new_tokens"] == NEW_TOKENS and ours.stats["llm_backend"] == "vllm"
         encoded = front.encode([make_test_card()], [PROMPT])
         grid = encoded.batch["image_grid_thw"][0].tolist()
-        body = {"messages": client.messages(encoded.embeds, grid, PROMPT)}
+        body = {"messages": client.messages([encoded.embeds], [grid], PROMPT)}
         tokens, served[name] = served_logprobs(server.url, body)
         assert tokens == reference.tokens
         np.testing.assert_allclose(served[name], reference_logprobs(front, tokens), atol=1e-4)
     assert vt["vit_kept"] < vt["vit_input"]
     assert np.abs(served["dense"] - served["IPCV"]).max() > 1e-3
+
+
+@needs_vllm
+def test_several_images_in_one_prompt(checkpoint, server):
+    """Two images of their own sizes in one prompt: two image_embeds parts, in order."""
+    front = VLMPipeline.create(load_model(str(checkpoint)), ipcv=IPCV)
+    images = [make_test_card(), make_test_card(168, 112)]
+    reference = front.answer(images, PROMPT, SamplingConfig(NEW_TOKENS))
+    ours = VllmClient(front, server.url).answer(images, PROMPT, SamplingConfig(NEW_TOKENS))
+    assert ours.tokens == reference.tokens
+    assert ours.stats["visual_tokens"] == reference.stats["visual_tokens"]
+    assert ours.stats["prompt_tokens"] == reference.stats["prompt_tokens_per_sample"][0]
 
 
 @needs_vllm
@@ -206,12 +218,12 @@ def test_server_errors_are_one_line(checkpoint, server):
     t, h, w = encoded.batch["image_grid_thw"][0].tolist()
     # vLLM 0.32 accepts these and its engine dies: the client refuses them before sending.
     with pytest.raises(InputError, match=r"do not fit image_grid_thw \[1, \d+, \d+\]"):
-        client.complete(encoded.embeds, (t, h + 2, w), PROMPT)
+        client.complete([encoded.embeds], [(t, h + 2, w)], PROMPT)
     with pytest.raises(InputError, match="the LLM's width 128"):
-        client.complete(encoded.embeds[:, :96], (t, h, w), PROMPT)
+        client.complete([encoded.embeds[:, :96]], [(t, h, w)], PROMPT)
     # What the server itself refuses comes back as one line.
     with pytest.raises(InputError, match=r"^the vLLM server refused the request \(HTTP 400\)"):
-        client.complete(encoded.embeds, (t, h, w), PROMPT, SamplingConfig(5000))
+        client.complete([encoded.embeds], [(t, h, w)], PROMPT, SamplingConfig(5000))
     assert client.answer(make_test_card(), PROMPT, SamplingConfig(2)).stats["new_tokens"] == 2
 
 

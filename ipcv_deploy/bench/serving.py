@@ -28,41 +28,60 @@ __all__ = [
     "SERVING_HEADERS",
     "SERVING_VARIANTS",
     "ServerProcess",
+    "free_port",
     "load_test",
     "serving_benchmark",
     "serving_table",
+    "wait_until_healthy",
 ]
 
 #: The variants compared: name -> extra ``serve`` flags.
 SERVING_VARIANTS = {"dense": ["--dense"], "ipcv+dart": ["--llm-pruning", "dart"]}
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(
+    proc: subprocess.Popen, url: str, timeout_s: float, output: Callable[[], str]
+) -> None:
+    """Poll ``url/health`` until it answers 200.
+
+    Raises:
+        IpcvError: the process exited first (with ``output()``), or ``timeout_s`` passed (the
+            process is killed).
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise IpcvError(f"the server exited: {output().strip()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise IpcvError(f"the server did not answer /health within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 class ServerProcess:
     """``ipcv-export serve`` in a child process on a free loopback port."""
 
     def __init__(self, model: str, *extra: str, timeout_s: float = 600) -> None:
-        import httpx
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         script = Path(sys.executable).parent / "ipcv-export"
         argv = [str(script), "serve", "--model", model, "--port", str(self.port), *extra]
         self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise IpcvError(f"the server exited: {self.proc.stderr.read().strip()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise IpcvError(f"the server did not answer /health within {timeout_s:.0f} s")
-            time.sleep(0.2)
+        wait_until_healthy(self.proc, self.url, timeout_s, lambda: self.proc.stderr.read())
 
     def stop(self) -> int:
         """SIGTERM (graceful), then wait; the exit status."""

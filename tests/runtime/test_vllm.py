@@ -13,9 +13,7 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import pytest
 import torch
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+from ipcv_deploy.bench.serving import free_port, wait_until_healthy
 from ipcv_deploy.cli import main
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ConfigError, InputError
@@ -83,9 +82,7 @@ class VllmServer:
     ) -> None:
         """``ipcv`` None: embeddings in, no vision tower; else images in, IPCV in vLLM's tower
         (the plugin, ``IPCV_VLLM_CONFIG``)."""
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         argv = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint)]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -101,19 +98,7 @@ class VllmServer:
         argv += ["--max-model-len", "2048", "--enforce-eager"]
         self.log = log
         self.proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"vLLM did not start in {timeout_s:.0f} s:\n{log.read_text()}")
-            time.sleep(1)
+        wait_until_healthy(self.proc, self.url, timeout_s, log.read_text)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -262,9 +247,7 @@ def test_plugin_settings_are_checked():
 
 
 def test_no_server_and_bad_options_are_one_line_errors(capsys):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     base = ["run", "--model", "tiny-qwen2-vl", "--llm-backend", "vllm"]
     cases = [
         ([*base, "--vllm-url", f"http://127.0.0.1:{port}"], "no vLLM server answers at"),

@@ -78,6 +78,8 @@ class VllmClient:
                 "--llm-backend transformers"
             )
         self.front = front
+        #: The LLM's embedding width, which every image embedding must have.
+        self.width = int(front.model.get_input_embeddings().embedding_dim)
         self.url = url.rstrip("/").removesuffix("/v1")
         self.http = httpx.Client(base_url=self.url, timeout=timeout)
         self.model = self._served_model(model)
@@ -121,7 +123,7 @@ class VllmClient:
             return
         data = json.loads(config.read_text())
         theirs = data.get("text_config", data).get("hidden_size")
-        ours = self.front.model.get_input_embeddings().embedding_dim
+        ours = self.width
         if theirs is not None and theirs != ours:
             raise ConfigError(
                 f"the vLLM server at {self.url} serves {card['root']}, whose LLM is {theirs} "
@@ -167,7 +169,7 @@ class VllmClient:
                 f"{len(embeds)} image embeddings for {len(grids)} grids: pass one grid per image"
             )
         merge = self.front.loaded.vision.spatial_merge_size**2
-        width = self.front.model.get_input_embeddings().embedding_dim
+        width = self.width
         parts = []
         for image, grid in zip(embeds, grids, strict=True):
             grid = [int(g) for g in grid]

@@ -24,23 +24,29 @@ __all__ = ["VllmQwen2VisionAdapter", "install"]
 logger = logging.getLogger("vllm.ipcv")
 
 
-class _Rope:
-    """Rotary tables of an image's tokens (vLLM's layout: [T, rotary_dim / 2])."""
+class _Layout:
+    """An image's rotary tables (vLLM's layout: [T, rotary_dim / 2]) and subset cache.
+
+    The last token subset's tables and offsets are kept while it runs block after block.
+    """
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
         self.cos, self.sin = cos, sin
+        self._subset: tuple[TokenSet, tuple[Any, ...]] | None = None
 
-    def of(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tables of the tokens at ``index`` [1, T'] (all tokens for ``None``)."""
-        if index is None:
-            return self.cos, self.sin
-        return self.cos[index[0]], self.sin[index[0]]
-
-
-def _cu_seqlens(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Segment offsets as vLLM's attention takes them (empty segments dropped)."""
-    sizes = torch.tensor([0, *(n for n in lengths if n)], dtype=torch.int32)
-    return sizes.cumsum(0, dtype=torch.int32).to(device)
+    def of(self, tokens: TokenSet, tower: Any) -> tuple[Any, ...]:
+        """cos, sin, ``cu_seqlens`` and ``max_seqlen`` of ``tokens`` for vLLM's blocks."""
+        if self._subset is not None and self._subset[0] is tokens:
+            return self._subset[1]
+        index = tokens.index
+        cos, sin = (
+            (self.cos, self.sin) if index is None else (self.cos[index[0]], self.sin[index[0]])
+        )
+        sizes = torch.tensor([0, *(n for n in tokens.lengths if n)], dtype=torch.int32)
+        cu = sizes.cumsum(0, dtype=torch.int32).to(self.cos.device)  # empty segments dropped
+        found = (cos, sin, cu, tower.compute_attn_mask_seqlen(cu))
+        self._subset = (tokens, found)
+        return found
 
 
 class VllmQwen2VisionAdapter:
@@ -67,20 +73,19 @@ class VllmQwen2VisionAdapter:
         tokens = tower.patch_embed(x)
         cos, sin = tower.rot_pos_emb(grid_thw)
         segments = tuple(h * w for t, h, w in grid_thw for _ in range(t))
-        return EncodedInput(tokens.unsqueeze(0), segments, _Rope(cos, sin))
+        return EncodedInput(tokens.unsqueeze(0), segments, _Layout(cos, sin))
 
     def block(
         self, index: int, x: torch.Tensor, enc: EncodedInput, tokens: TokenSet
     ) -> torch.Tensor:
         """Block ``index`` of vLLM on the tokens of ``tokens`` (their own rotary positions)."""
-        cos, sin = enc.context.of(tokens.index)
-        cu = _cu_seqlens(tokens.lengths, x.device)
+        cos, sin, cu, max_seqlen = enc.context.of(tokens, self.tower)
         out = self.tower.blocks[index](
             x[0].unsqueeze(1),
             cu_seqlens=cu,
             rotary_pos_emb_cos=cos,
             rotary_pos_emb_sin=sin,
-            max_seqlen=self.tower.compute_attn_mask_seqlen(cu),
+            max_seqlen=max_seqlen,
         )
         return out.squeeze(1).unsqueeze(0)
 
@@ -93,7 +98,7 @@ class VllmQwen2VisionAdapter:
         attn, idx = blk.attn, kept.index[0]
         qkv, _ = attn.qkv(blk.norm1(full[0]).unsqueeze(1))
         q, k, v = (t.transpose(0, 1) for t in attn.split_qkv(qkv))  # [1, T, heads, d]
-        rope: _Rope = enc.context
+        rope: _Layout = enc.context
         q = attn.apply_rotary_emb(q[:, idx], rope.cos[idx], rope.sin[idx])
         k = attn.apply_rotary_emb(k, rope.cos, rope.sin)
         out = segment_attention(q, k, v, kept.lengths, enc.segments)

@@ -21,7 +21,12 @@ import transformers
 from torch import nn
 from transformers.image_utils import SizeDict
 from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    sdpa_mask,
+)
 from transformers.modeling_utils import AttentionInterface
 
 from ipcv_deploy.errors import CompatibilityError, ConfigError
@@ -36,6 +41,7 @@ __all__ = [
     "exact_size_image_processor",
     "images_only_processor",
     "prefill_position_ids",
+    "prefix_lm_mask",
     "register_attention",
     "sdpa_attention",
 ]
@@ -113,6 +119,32 @@ def prefill_position_ids(model: nn.Module, ids: torch.Tensor, kwargs: dict[str, 
     if prepare is None:
         raise _incompatible(f"{type(model).__name__} has no _prepare_position_ids_for_generation")
     return prepare(ids, {"input_ids": ids, **kwargs})
+
+
+# --- prefix-LM masks ---------------------------------------------------------------------------
+def prefix_lm_mask(
+    decoder: nn.Module,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    blocks: torch.Tensor,
+) -> Any:
+    """The prefill mask of a prefix-LM decoder, padding masked.
+
+    Tokens of one block (equal ``blocks`` id >= 0) attend to each other both ways, the rest
+    causally.
+    It is what PaliGemma's own forward builds (``create_causal_mask`` with
+    ``block_sequence_ids``, and the sliding-window mask beside it for decoders with sliding
+    layers), built here because the runtime calls the decoder directly. The cache argument is
+    passed by position: its name changed in 5.24.
+    """
+    config = decoder.config
+    args = (config, inputs_embeds, attention_mask, None, position_ids)
+    full = create_causal_mask(*args, block_sequence_ids=blocks)
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or ()):
+        return full
+    sliding = create_sliding_window_causal_mask(*args, block_sequence_ids=blocks)
+    return {"full_attention": full, "sliding_attention": sliding}
 
 
 # --- attention implementation ---------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ipcv_deploy.compression import dense_encode, ipcv_encode_embedded
+from ipcv_deploy.compression import EncodedInput, dense_encode, ipcv_encode_embedded
 from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ConfigError, InputError
 from ipcv_deploy.models import FamilyAdapter, ImageSize, LoadedModel
@@ -119,6 +119,20 @@ class RowEncoder(nn.Module):
             enc = self.adapter.embed_native(pixels, grid)
         else:
             enc = self.adapter.embed_rows(pixels, self.context)
+        return self._encode(enc, pixels)
+
+    def encode_video(self, pixels: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Encode one video, ``grid`` [[t, h, w]] with t > 1 (native form, eager only).
+
+        The frames go through the tower's own layout (``embed``: each temporal patch a
+        segment, as the tower attends), so IPCV keeps ``floor(h * w * keep)`` per frame.
+        """
+        if not self.native:
+            raise ConfigError("videos run through a native-resolution encoder, not the row form")
+        return self._encode(self.adapter.embed(pixels, grid), pixels)
+
+    def _encode(self, enc: EncodedInput, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Blocks (dense or IPCV), features and projector of embedded pixels."""
         if self.config is None:
             output, keep_idx = dense_encode(self.adapter, enc), None
         else:
@@ -133,28 +147,32 @@ class RowEncoder(nn.Module):
 
 
 def split_images(
-    pixels: torch.Tensor, grid: torch.Tensor, native: dict[str, int] | None = None
+    pixels: torch.Tensor,
+    grid: torch.Tensor,
+    native: dict[str, int] | None = None,
+    videos: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A native-form call of several images -> one ``(pixel_values, image_grid_thw)`` each.
 
     The exported graph takes one image per call (as ONNX Runtime GenAI calls it when sizes
     differ); backends run the images one by one and concatenate the outputs. ``native`` (a
-    manifest's entry) bounds each image's patches and sets the merge size.
+    manifest's entry) bounds each image's patches and sets the merge size. ``videos`` lets
+    grids of several frames (t > 1) through, for the PyTorch backend.
 
     Raises:
-        InputError: ``grid`` not ``[num_images, 3]``, a video grid (t > 1), a side not a
-            multiple of the merge size, an image outside the artifact's range, or patch rows
-            that do not add up to the grid.
+        InputError: ``grid`` not ``[num_images, 3]``, a video grid (t > 1) unless ``videos``,
+            a side not a multiple of the merge size, an image outside the artifact's range, or
+            patch rows that do not add up to the grid.
     """
     if grid.ndim != 2 or grid.shape[-1] != 3 or grid.shape[0] < 1:
         raise InputError(
             f"image_grid_thw must be [num_images, 3] (t, h, w), got {tuple(grid.shape)}"
         )
     sizes = [int(t) * int(h) * int(w) for t, h, w in grid.tolist()]
-    if any(int(t) != 1 for t in grid[:, 0].tolist()):
+    if not videos and any(int(t) != 1 for t in grid[:, 0].tolist()):
         raise InputError(
             f"image_grid_thw {grid.tolist()} holds a video (t > 1); the native export takes "
-            "images: run videos through the PyTorch backend (--backend torch)"
+            "images: run videos through the PyTorch backend (--vision-backend torch)"
         )
     if native is not None:
         _check_grid(grid, native)
@@ -191,7 +209,7 @@ class TorchBackend:
 
     Pixels are moved to the tower's device and dtype; outputs stay on that device. A
     native-form call of several images runs them one at a time (``split_images``), as the
-    exported graph does.
+    exported graph does; a video (t > 1) is one call of all its frames (``encode_video``).
     """
 
     name = "torch"
@@ -211,10 +229,11 @@ class TorchBackend:
                 return dict(zip(self.output_names, outputs, strict=True))
             if grid is None:
                 raise InputError("a native-resolution encoder needs image_grid_thw with the pixels")
-            parts = [
-                self.encoder(p.to(weight.device, weight.dtype), g.to(weight.device))
-                for p, g in split_images(pixels, grid)
-            ]
+            parts = []
+            for p, g in split_images(pixels, grid, videos=True):
+                p, g = p.to(weight.device, weight.dtype), g.to(weight.device)
+                video = int(g[0, 0]) > 1
+                parts.append(self.encoder.encode_video(p, g) if video else self.encoder(p, g))
         return join_images(self.output_names, parts)
 
 

@@ -62,7 +62,8 @@ def _variants(args: argparse.Namespace) -> dict[str, LLMBackend]:
         return {"dense (transformers)": dense, "compressed (ort-genai)": compressed}
     compressed = llm_backend(args)
     front = compressed.front if isinstance(compressed, VllmClient) else compressed
-    size = None if front.vision.native else front.vision.image_size
+    # the same preprocessing: native grids, the model's tiles, or the one fixed size
+    size = None if front.vision.native or front.vision.tiles else front.vision.image_size
     dense = VLMPipeline.create(front.loaded, image_size=size)
     if isinstance(compressed, VllmClient):
         return {

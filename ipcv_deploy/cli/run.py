@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_vllm_args(parser)
     add_runtime_args(parser)
     add_prompt_args(parser)
+    parser.add_argument(
+        "--video",
+        type=Path,
+        help="a video after the images: a folder of frame images (in name order) or an "
+        "animated GIF / PNG / WebP (native-resolution models, PyTorch vision backend; "
+        "transformers' video processor needs torchvision)",
+    )
     add_output_args(parser)
 
 
@@ -205,16 +212,21 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--raw-prompt is not for --llm-backend vllm: the server applies its chat template"
         )
+    if args.video is not None and args.llm_backend != "transformers":
+        raise ConfigError(f"--video runs on --llm-backend transformers, not {args.llm_backend}")
     backend = llm_backend(args)
-    images = args.image if args.image is not None else [make_test_card()]
+    card = args.image is None and args.video is None
+    images = [make_test_card()] if card else args.image or []
     stream = not (args.json or args.no_stream)
     if not args.json:
         print(describe(backend))
-        if args.image is None:
+        if card:
             print("image: built-in test card (pass --image FILE for yours)")
     if stream:
         sys.stdout.write("answer: ")
-    extra = {"raw_prompt": args.raw_prompt} if args.raw_prompt else {}
+    extra: dict[str, Any] = {"raw_prompt": args.raw_prompt} if args.raw_prompt else {}
+    if args.video is not None:
+        extra["video"] = args.video
     result = backend.answer(
         images, args.prompt, sampling(args), on_text=stream_text if stream else None, **extra
     )

@@ -56,6 +56,11 @@ class FamilyAdapter:
     #: True when the processor splits an image into tiles of the tower's size (InternVL's
     #: dynamic tiling): the runtime keeps that tiling unless one static size is asked for.
     dynamic_tiles: ClassVar[bool] = False
+    #: True when the model packs an image's tiles into one grid for the LLM (anyres): the
+    #: runtime always tiles at the tower's own size and ``pack_image_embeds`` packs them.
+    anyres: ClassVar[bool] = False
+    #: Added to the prefill positions transformers computes (models that count from 1).
+    position_offset: ClassVar[int] = 0
 
     def __init__(self, vision: nn.Module) -> None:
         """Bind the adapter to a vision tower of this family."""
@@ -78,6 +83,32 @@ class FamilyAdapter:
         """The vision tower inside a full model (or its inner ``model``) of this family."""
         inner = getattr(model, "model", model)
         return getattr(inner, cls.tower_attribute)
+
+    # --- the LLM side of the runtime ----------------------------------------------------
+    @classmethod
+    def image_tiles(cls, model: nn.Module, batch: Any) -> list[int]:
+        """Tiles of each image in a processed ``batch`` (``anyres`` families)."""
+        raise NotImplementedError
+
+    @classmethod
+    def pack_image_embeds(
+        cls, model: nn.Module, tiles: list[torch.Tensor], batch: Any
+    ) -> list[torch.Tensor]:
+        """Each image's LLM embeddings [tokens, H] from its tiles' [tiles, n, H], in order."""
+        return [t.reshape(-1, t.shape[-1]) for t in tiles]
+
+    @classmethod
+    def prefix_blocks(cls, batch: Any) -> torch.Tensor | None:
+        """[B, L] ids of the prompt spans attended both ways, ``None`` for a causal LLM.
+
+        Equal ids >= 0 attend to each other; -1 is causal.
+        """
+        return None
+
+    @classmethod
+    def plain_prompt(cls, prompt: str, placeholder: str, images: int) -> str | None:
+        """The prompt of a model that has no chat template, or ``None`` when it needs one."""
+        return None
 
     # --- bound to a vision tower ---------------------------------------------------------
     @property

@@ -21,6 +21,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ipcv_deploy.compression import EncodedInput, TokenSet
 from ipcv_deploy.config import IPCVConfig
@@ -196,6 +197,37 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     vision_class_names = ()  # a bare CLIP tower is served by LlavaAdapter
     full_model_class = LlavaNextForConditionalGeneration
+    anyres = True
+    image_unit = "tiles"
+
+    @classmethod
+    def image_tiles(cls, model: nn.Module, batch: Any) -> list[int]:
+        """Base image + anyres crops of each image, from the processor's ``image_sizes``."""
+        config = model.config
+        return [
+            image_size_to_num_patches(
+                size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size
+            )
+            for size in batch["image_sizes"]
+        ]
+
+    @classmethod
+    def pack_image_embeds(
+        cls, model: nn.Module, tiles: list[torch.Tensor], batch: Any
+    ) -> list[torch.Tensor]:
+        """The model's own packing (``pack_image_features``).
+
+        The crops go into the image grid, unpadded, with ``image_newline`` after every row,
+        after the base image.
+        """
+        inner = getattr(model, "model", model)
+        packed, _ = inner.pack_image_features(
+            tiles,
+            batch["image_sizes"],
+            vision_feature_select_strategy=inner.config.vision_feature_select_strategy,
+            image_newline=inner.image_newline,
+        )
+        return list(packed)
 
 
 def tiny_next_config(depth: int = 7, tile: int = 112) -> LlavaNextConfig:

@@ -4,7 +4,8 @@ Checkpoints bring their own processor (``AutoProcessor.from_pretrained`` on the 
 The built-in presets get the same processor classes built in code around a byte-level
 tokenizer made locally (320 ids, the tiny LLMs' vocabulary), so ``run`` needs no download.
 ``fit_processor`` makes any of them turn every image into exactly one tile of the encoder's
-static size; ``image_rows`` turns the processor's ``pixel_values`` into the encoders' row form.
+static size, ``tile_processor`` keeps the model's own tiling; ``image_rows`` turns the
+processor's ``pixel_values`` into the encoders' row form.
 """
 
 from __future__ import annotations
@@ -22,14 +23,21 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     InternVLProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
+    PaliGemmaProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLProcessor,
     Qwen2VLProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.utils import is_torchvision_available
 
 from ipcv_deploy.errors import (
     ArtifactError,
@@ -73,7 +81,8 @@ _QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 _CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
     "{% if m.content is string %}{{ m.content }}{% else %}{% for c in m.content %}"
-    "{% if c.type == 'image' %}IMAGE{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %}"
+    "{% if c.type == 'image' %}IMAGE{% elif c.type == 'video' %}VIDEO"
+    "{% else %}{{ c.text }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _VICUNA = (
@@ -92,10 +101,12 @@ class _Family:
     placeholder: str
     #: Tokenizer attributes the processor reads (name -> token text).
     attributes: dict[str, str]
-    #: Chat template; ``IMAGE`` marks where the image goes.
-    template: str
+    #: Chat template; ``IMAGE`` marks where the image goes. ``None``: the model has none.
+    template: str | None
     #: What the template writes for an image.
     image_text: str
+    #: What the template writes for a video (Qwen only).
+    video_text: str = ""
 
 
 _QWEN = _Family(
@@ -103,6 +114,7 @@ _QWEN = _Family(
     {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     _CHATML,
     "<|vision_start|><|image_pad|><|vision_end|>",
+    "<|vision_start|><|video_pad|><|vision_end|>",
 )
 _FAMILIES: dict[str, _Family] = {
     "qwen2_vl": _QWEN,
@@ -121,6 +133,9 @@ _FAMILIES: dict[str, _Family] = {
         "<IMG_CONTEXT>\n",
     ),
     "llava": _Family("<image>", {"image_token": "<image>"}, _VICUNA, "<image>\n"),
+    "llava_next": _Family("<image>", {"image_token": "<image>"}, _VICUNA, "<image>\n"),
+    # PaliGemma is not a chat model: "<image>" x n + BOS + the task prompt + "\n".
+    "paligemma": _Family("<image>", {"image_token": "<image>"}, None, ""),
 }
 
 
@@ -186,7 +201,9 @@ def preset_processor(model_type: str, model_config: Any, image_size: ImageSize |
     """
     family = _family(model_type)
     tokenizer = tiny_tokenizer(model_type)
-    template = family.template.replace("IMAGE", family.image_text)
+    template = family.template and family.template.replace("IMAGE", family.image_text).replace(
+        "VIDEO", family.video_text
+    )
     vision = model_config.vision_config
     h, w = image_size or (448, 448)  # only the fixed-size families read it
     if model_type in _QWEN_TYPES:
@@ -197,7 +214,7 @@ def preset_processor(model_type: str, model_config: Any, image_size: ImageSize |
         )
         cls = Qwen2VLProcessor if model_type == "qwen2_vl" else Qwen2_5_VLProcessor
         processor = images_only_processor(cls)(
-            image_processor, tokenizer, None, chat_template=template
+            image_processor, tokenizer, _video_processor(vision), chat_template=template
         )
     elif model_type == "internvl":
         processor = images_only_processor(InternVLProcessor)(
@@ -207,6 +224,24 @@ def preset_processor(model_type: str, model_config: Any, image_size: ImageSize |
             image_seq_length=model_config.image_seq_length,
             chat_template=template,
         )
+    elif model_type == "llava_next":  # anyres tiles of the tower's own size
+        tile = int(vision.image_size)
+        processor = LlavaNextProcessor(
+            LlavaNextImageProcessorPil(
+                size={"shortest_edge": tile},
+                crop_size={"height": tile, "width": tile},
+                image_grid_pinpoints=model_config.image_grid_pinpoints,
+            ),
+            tokenizer,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy=model_config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+            chat_template=template,
+        )
+    elif model_type == "paligemma":
+        images = SiglipImageProcessorPil(size={"height": h, "width": w})
+        images.image_seq_length = (h // vision.patch_size) * (w // vision.patch_size)
+        processor = PaliGemmaProcessor(images, tokenizer, chat_template=template)
     else:
         processor = LlavaProcessor(
             CLIPImageProcessorPil(
@@ -221,6 +256,19 @@ def preset_processor(model_type: str, model_config: Any, image_size: ImageSize |
     if image_size is None:
         return processor
     return fit_processor(processor, model_type, image_size)
+
+
+def _video_processor(vision: Any) -> Any:
+    """Qwen's video processor for a preset, or ``None`` without torchvision (which it needs)."""
+    if not is_torchvision_available():
+        return None
+    from transformers import Qwen2VLVideoProcessor
+
+    return Qwen2VLVideoProcessor(
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+    )
 
 
 def native_processor(processor: Any, pixel_range: tuple[int, int] | None) -> Any:
@@ -307,11 +355,12 @@ def fit_processor(processor: Any, model_type: str, image_size: ImageSize) -> Any
     Qwen2-VL / Qwen2.5-VL: min = max pixels = H * W, and every image resized to H x W (not
     only those of H x W already: ``smart_resize`` alone keeps the aspect ratio). InternVL: a
     resize to H x W, no ``crop_to_patches``. LLaVA: shortest edge to min(H, W), center crop
-    H x W. The tokenizer pads on the left, as decoding needs (checkpoint tokenizers often pad
-    on the right). Returns ``processor`` (changed in place).
+    H x W. PaliGemma: a resize to H x W. The tokenizer pads on the left, as decoding needs
+    (checkpoint tokenizers often pad on the right). Returns ``processor`` (changed in place).
 
     Raises:
         UnsupportedModelError: a family without runtime support.
+        ConfigError: LLaVA-NeXT, whose LLM takes its anyres tiles (``tile_processor``).
     """
     _family(model_type)
     h, w = (int(s) for s in image_size)
@@ -321,6 +370,13 @@ def fit_processor(processor: Any, model_type: str, image_size: ImageSize) -> Any
     if model_type in _QWEN_TYPES:
         images.size = {"shortest_edge": h * w, "longest_edge": h * w}
         exact_size_image_processor(images, h, w)
+    elif model_type == "paligemma":
+        images.size = {"height": h, "width": w}  # the tower's one size: image_seq_length fits
+    elif model_type == "llava_next":
+        raise ConfigError(
+            "LLaVA-NeXT's LLM takes its anyres tiles packed into the image grid, not one "
+            "image of a fixed size; drop --image-size"
+        )
     elif model_type == "internvl":
         images.size = {"height": h, "width": w}
         images.crop_to_patches = False
@@ -337,18 +393,21 @@ def fit_processor(processor: Any, model_type: str, image_size: ImageSize) -> Any
     return processor
 
 
-def tile_processor(processor: Any, tile: ImageSize) -> Any:
-    """InternVL's processor with its own dynamic tiling into ``tile`` (H, W) tiles.
+def tile_processor(processor: Any, model_type: str, tile: ImageSize) -> Any:
+    """The processor with the model's own tiling into ``tile`` (H, W) tiles.
 
-    Each image becomes the grid of tiles its aspect ratio fits best (``min_patches`` ..
-    ``max_patches``) plus a thumbnail when there are several, as the model's processor makes
-    them (``crop_to_patches``, which ``InternVLProcessor`` asks for at every call). Pads on the
-    left, as decoding needs. Returns ``processor`` (changed in place).
+    InternVL: each image becomes the grid of tiles its aspect ratio fits best
+    (``min_patches`` .. ``max_patches``) plus a thumbnail when there are several
+    (``crop_to_patches``, which ``InternVLProcessor`` asks for at every call). LLaVA-NeXT:
+    the base image plus the crops of the ``image_grid_pinpoints`` resolution that fits best
+    (anyres), left as the processor has them. Pads on the left, as decoding needs. Returns
+    ``processor`` (changed in place).
     """
     processor.tokenizer.padding_side = "left"
-    images = processor.image_processor
-    images.do_resize = True
-    images.size = {"height": int(tile[0]), "width": int(tile[1])}
+    if model_type == "internvl":
+        images = processor.image_processor
+        images.do_resize = True
+        images.size = {"height": int(tile[0]), "width": int(tile[1])}
     return processor
 
 
@@ -359,13 +418,16 @@ def tile_counts(processor: Any, sizes: list[tuple[int, int]]) -> list[int]:
     return [images.get_number_of_image_patches(h, w, options) for w, h in sizes]
 
 
-def image_rows(model_type: str, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
-    """The processor's ``pixel_values`` for ``batch`` one-image prompts, in row form [B, ...].
+def image_rows(model_type: str, pixel_values: torch.Tensor, tiles: list[int]) -> torch.Tensor:
+    """The processor's ``pixel_values`` of images of ``tiles`` tiles each, in row form [T, ...].
 
     Qwen-style processors flatten every image's patches (merge-window order, as the tower
-    reads them) into [B * n, C * t * p * p]; the row form is [B, n, C * t * p * p]. Tiles
-    [B, C, H, W] are rows already.
+    reads them) into [B * n, C * t * p * p]; the row form is [B, n, C * t * p * p]. Anyres
+    processors pad every image to the most tiles, [B, max tiles, C, H, W]: the row form is each
+    image's own tiles. Tiles [T, C, H, W] are rows already.
     """
     if model_type in _QWEN_TYPES:
-        return pixel_values.reshape(batch, -1, pixel_values.shape[-1])
+        return pixel_values.reshape(len(tiles), -1, pixel_values.shape[-1])
+    if pixel_values.ndim == 5:
+        return torch.cat([image[:n] for image, n in zip(pixel_values, tiles, strict=True)])
     return pixel_values

@@ -6,6 +6,8 @@ the last block; PaliGemma's linear projector runs outside the tower on the resto
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -35,6 +37,21 @@ class SiglipAdapter(FixedImageAdapter):
     reference = IPCVConfig(prune_layer=3, keep_ratio=0.35, as_layers=3, num_neighbors=10)
     full_model_class = PaliGemmaForConditionalGeneration
     tower_attribute = "vision_tower"
+    position_offset = 1  # PaliGemma's positions count from 1
+
+    @classmethod
+    def prefix_blocks(cls, batch: Any) -> torch.Tensor:
+        """The prefix-LM blocks, as PaliGemma was trained.
+
+        Image and prompt (``token_type_ids`` 0) attend to each other both ways, generated
+        tokens causally.
+        """
+        return torch.where(batch["token_type_ids"] == 0, 0, -1)
+
+    @classmethod
+    def plain_prompt(cls, prompt: str, placeholder: str, images: int) -> str:
+        """The images, then the task text; the processor adds BOS and the closing newline."""
+        return placeholder * images + prompt
 
     @property
     def depth(self) -> int:

@@ -2,9 +2,10 @@
 
 The data is a JSON Lines file (or a folder holding exactly one ``*.jsonl``), one object per
 line: ``{"image": "path" | ["path", ...], "question": "...", "answer": "..." | ["...", ...]}``
-(several images: in the order the question takes them); image paths are relative to the
-file. Scores: exact match and "contains" after VQA-style normalisation (lower case, no
-punctuation or articles), against any of the reference answers.
+(several images: in the order the question takes them), optionally ``"video": "path"`` (a
+folder of frames or an animated image, after the images; ``image`` may then be left out);
+paths are relative to the file. Scores: exact match and "contains" after VQA-style
+normalisation (lower case, no punctuation or articles), against any of the reference answers.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ _PUNCTUATION = str.maketrans(dict.fromkeys(string.punctuation, " "))
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One question about one image, with its accepted answers."""
+    """One question about one image (or several, or a video), with its accepted answers."""
 
     #: The image, or the images of a several-image question, in order.
     image: Path | tuple[Path, ...]
     question: str
     answers: tuple[str, ...]
+    #: A video after the images (frames folder or animated image), or ``None``.
+    video: Path | None = None
 
 
 def load_items(data: Path, limit: int | None = None) -> list[EvalItem]:
@@ -61,12 +64,14 @@ def load_items(data: Path, limit: int | None = None) -> list[EvalItem]:
             record = json.loads(line)
             answers = record["answer"]
             answers = (answers,) if isinstance(answers, str) else tuple(map(str, answers))
-            image = record["image"]
+            video = record.get("video")
+            video = None if video is None else data.parent / video
+            image = record["image"] if video is None else record.get("image", [])
             if isinstance(image, list):
                 image = tuple(data.parent / i for i in image)
             else:
                 image = data.parent / image
-            items.append(EvalItem(image, str(record["question"]), answers))
+            items.append(EvalItem(image, str(record["question"]), answers, video))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise InputError(
                 f"{data}:{number} is not an object with image, question and answer ({err})"
@@ -107,24 +112,32 @@ def evaluate(
     measured against. ``batch_size`` above 1 batches prompts on the transformers backend.
 
     Raises:
-        ConfigError: ``batch_size`` above 1 for another backend.
+        ConfigError: ``batch_size`` above 1, or an item with a video, for another backend.
     """
     report: dict[str, Any] = {"items": len(items), "variants": {}, "predictions": []}
     predictions: dict[str, list[str]] = {}
+    videos = any(i.video is not None for i in items)
     for backend in backends.values():
         if batch_size > 1 and not isinstance(backend, VLMPipeline):
             raise ConfigError(
                 f"--batch {batch_size} batches prompts on --llm-backend transformers only; "
                 f"{backend.name} takes one at a time: drop --batch"
             )
+        if videos and not isinstance(backend, VLMPipeline):
+            raise ConfigError(
+                f"items with a video run on --llm-backend transformers, not {backend.name}"
+            )
     for name, backend in backends.items():
         answers: list[str] = []
         ttft, started = [], time.perf_counter()
         for first in range(0, len(items), batch_size):
             chunk = items[first : first + batch_size]
-            if isinstance(backend, VLMPipeline) and batch_size > 1:
+            if isinstance(backend, VLMPipeline):
                 result = backend.run(
-                    [i.image for i in chunk], [i.question for i in chunk], sampling
+                    [i.image for i in chunk],
+                    [i.question for i in chunk],
+                    sampling,
+                    videos=[i.video for i in chunk],
                 )
                 answers += result.answers
                 stats = result.stats
@@ -157,6 +170,7 @@ def evaluate(
                 "image": str(item.image)
                 if isinstance(item.image, Path)
                 else [str(i) for i in item.image],
+                **({} if item.video is None else {"video": str(item.video)}),
                 "question": item.question,
                 "answers": list(item.answers),
                 **{name: predictions[name][index] for name in predictions},

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
 from ipcv_deploy.errors import InputError
-from ipcv_deploy.hf_compat import cache_argument, cache_tensors
+from ipcv_deploy.hf_compat import cache_argument, cache_tensors, prefix_lm_mask
 from ipcv_deploy.models import synchronize
 from ipcv_deploy.runtime.answers import SamplingConfig
 from ipcv_deploy.runtime.prefill import PrefillPruner, PruningOutcome
@@ -50,6 +50,8 @@ class LLMInputs:
         inputs_embeds: [B, L, D] token embeddings with image features in placeholder rows.
         position_ids: the model's prefill positions, [B, L] or [R, B, L] (mRoPE).
         image_mask: [B, L] True on image placeholder rows.
+        prefix_blocks: [B, L] spans attended both ways at prefill (prefix-LM models: equal
+            ids >= 0 see each other, -1 is causal), ``None`` for a causal LLM.
     """
 
     input_ids: torch.Tensor
@@ -57,6 +59,7 @@ class LLMInputs:
     inputs_embeds: torch.Tensor
     position_ids: torch.Tensor
     image_mask: torch.Tensor
+    prefix_blocks: torch.Tensor | None = None
 
 
 @dataclass
@@ -190,9 +193,14 @@ def generate(
             cache,
         )
     with pruner if pruner is not None else contextlib.nullcontext():
+        prefill_mask = mask
+        if inputs.prefix_blocks is not None:  # built here, for the attention now in use
+            prefill_mask = prefix_lm_mask(
+                decoder, inputs.inputs_embeds, mask, inputs.position_ids, inputs.prefix_blocks
+            )
         out = decoder(
             inputs_embeds=inputs.inputs_embeds,
-            attention_mask=mask,
+            attention_mask=prefill_mask,
             position_ids=inputs.position_ids,
             use_cache=True,
             **cache_argument(decoder, cache),

@@ -7,6 +7,7 @@ visual tokens left after each stage and the KV-cache size.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from PIL import Image
 
 from ipcv_deploy.compression.llm_pruning import LLMPruningConfig
 from ipcv_deploy.config import IPCVConfig
-from ipcv_deploy.errors import ConfigError, InputError
+from ipcv_deploy.errors import BackendUnavailableError, ConfigError, InputError
 from ipcv_deploy.hf_compat import prefill_position_ids
 from ipcv_deploy.models import LoadedModel, load_model, parse_dtype, resolve_device, synchronize
 from ipcv_deploy.models.processors import (
@@ -37,7 +38,14 @@ from ipcv_deploy.runtime.generate import (
     generate,
     language_model,
 )
-from ipcv_deploy.runtime.images import ImageInput, PromptImages, image_list, load_image
+from ipcv_deploy.runtime.images import (
+    ImageInput,
+    PromptImages,
+    VideoInput,
+    image_list,
+    load_image,
+    load_video,
+)
 from ipcv_deploy.runtime.prompts import check_placeholders
 from ipcv_deploy.runtime.vision import VisionEncoder, artifact_vision, torch_vision
 
@@ -60,6 +68,10 @@ class EncodedBatch:
     #: Tiles per image (dynamic tiling); 1 for a native or one-size image.
     tiles_per_image: list[int]
     timings: dict[str, float]
+    #: The videos' embeddings [sum of their tokens, hidden], in prompt order; ``None``: none.
+    video_embeds: torch.Tensor | None = None
+    #: Each prompt's video as its (t, h, w) patch grid, ``None`` for a prompt without one.
+    video_grids: list[tuple[int, int, int] | None] = field(default_factory=list)
 
     def tokens_per_prompt(self) -> list[int]:
         """Image tokens of each prompt (all its images)."""
@@ -113,7 +125,7 @@ class VLMPipeline:
         if vision.native:
             self.processor = native_processor(processor, vision.pixel_range)
         elif vision.tiles:
-            self.processor = tile_processor(processor, vision.image_size)
+            self.processor = tile_processor(processor, self.model_type, vision.image_size)
         else:
             self.processor = fit_processor(processor, self.model_type, vision.image_size)
         self.llm_pruning = llm_pruning
@@ -195,17 +207,22 @@ class VLMPipeline:
         """The text the processor expands into image tokens."""
         return self.processor.image_token
 
-    def format_prompt(self, prompt: str, raw: bool = False, images: int = 1) -> str:
-        """The chat-templated prompt with ``images`` images first, or ``prompt`` when ``raw``.
+    def format_prompt(
+        self, prompt: str, raw: bool = False, images: int = 1, videos: int = 0
+    ) -> str:
+        """The chat-templated prompt, its images and videos first; ``prompt`` when ``raw``.
 
         Raises:
-            InputError: a raw prompt without one image placeholder per image, or a processor
-                without a chat template.
+            InputError: a raw prompt without one placeholder per image (and video), or a
+                processor without a chat template.
         """
         check_placeholders(prompt, self.placeholder, raw, images)
+        if videos:
+            check_placeholders(prompt, self.processor.video_token, raw, videos)
         if raw:
             return prompt
-        parts = [{"type": "image"}] * images + [{"type": "text", "text": prompt}]
+        parts = [{"type": "image"}] * images + [{"type": "video"}] * videos
+        parts.append({"type": "text", "text": prompt})
         return self.chat_prompt([{"role": "user", "content": parts}])
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
@@ -215,10 +232,17 @@ class VLMPipeline:
             messages: ``{"role", "content"}`` with ``content`` a string or parts
                 ``{"type": "text", "text": ...}`` / ``{"type": "image"}``.
 
+        A model without a chat template but a prompt format of its own gets that, from one user
+        message.
+
         Raises:
-            InputError: the processor has no chat template.
+            InputError: the processor has no chat template (and the model no other format
+                for these messages).
         """
         if not getattr(self.processor, "chat_template", None):
+            plain = self._plain_prompt(messages)
+            if plain is not None:
+                return plain
             raise InputError(
                 f"{self.loaded.name}'s processor has no chat template; pass --raw-prompt with a "
                 f"prompt that contains {self.placeholder!r}"
@@ -227,70 +251,147 @@ class VLMPipeline:
             messages, add_generation_prompt=True, tokenize=False
         )
 
+    def _plain_prompt(self, messages: list[dict[str, Any]]) -> str | None:
+        """The model's own prompt of one user message, where it has one without a template."""
+        if len(messages) != 1 or messages[0].get("role") != "user":
+            return None
+        content = messages[0].get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+        images = sum(p.get("type") == "image" for p in parts)
+        return self.loaded.adapter.plain_prompt(text, self.placeholder, images)
+
     def prompt_length(self, image: PromptImages, prompt: str) -> int:
         """Tokens of one raw prompt (image placeholder expanded) as the LLM will see it.
 
         Raises:
             InputError: the image does not load, or the processor refuses the prompt.
         """
-        batch, _ = self._process([image_list(image)], [prompt], raw_prompt=True)
+        batch, _ = self._process([image_list(image)], [prompt], raw_prompt=True, videos=[None])
         return int(batch["input_ids"].shape[1])
 
     def _process(
-        self, images: Sequence[list[ImageInput]], prompts: Sequence[str], raw_prompt: bool
+        self,
+        images: Sequence[list[ImageInput]],
+        prompts: Sequence[str],
+        raw_prompt: bool,
+        videos: Sequence[list[Image.Image] | None],
     ) -> tuple[Any, list[int]]:
         """The processor's batch, and the tiles of each image (1 but for dynamic tiles)."""
         pil = [[load_image(i) for i in group] for group in images]
+        adapter = self.loaded.adapter
         tiles = [1] * sum(len(g) for g in pil)
         if self.vision.tiles:
-            tiles = tile_counts(self.processor, [i.size for g in pil for i in g])
+            if not adapter.anyres:  # anyres counts come with the batch
+                tiles = tile_counts(self.processor, [i.size for g in pil for i in g])
         elif not self.vision.native:  # one static size; native keeps the processor's resize
             height, width = self.vision.image_size
             pil = [[i.resize((width, height), Image.Resampling.BICUBIC) for i in g] for g in pil]
         texts = [
-            self.format_prompt(p, raw_prompt, len(g)) for p, g in zip(prompts, pil, strict=True)
+            self.format_prompt(p, raw_prompt, len(g), int(v is not None))
+            for p, g, v in zip(prompts, pil, videos, strict=True)
         ]
-        flat = pil if any(len(g) > 1 for g in pil) else [g[0] for g in pil]
+        if not all(pil):  # a prompt with a video only: the images in placeholder order
+            flat: Any = [i for g in pil for i in g] or None
+        else:
+            flat = pil if any(len(g) > 1 for g in pil) else [g[0] for g in pil]
+        frames = [v for v in videos if v is not None]
+        extra = {"videos": frames} if frames else {}
         try:
-            batch = self.processor(text=texts, images=flat, return_tensors="pt", padding=True)
+            batch = self.processor(
+                text=texts, images=flat, return_tensors="pt", padding=True, **extra
+            )
         except ValueError as err:
             raise InputError(
                 f"the processor refused the prompt: {str(err).splitlines()[0]}"
             ) from None
+        if adapter.anyres:
+            tiles = adapter.image_tiles(self.model, batch)
         return batch, tiles
 
     def encode(
-        self, images: Sequence[PromptImages], prompts: Sequence[str], raw_prompt: bool = False
+        self,
+        images: Sequence[PromptImages],
+        prompts: Sequence[str],
+        raw_prompt: bool = False,
+        videos: Sequence[VideoInput | None] | None = None,
     ) -> EncodedBatch:
         """Process a batch and run the vision backend: the LLM's image embeddings per image.
 
-        ``images`` holds each prompt's image, or its images in the order the prompt takes.
+        ``images`` holds each prompt's image, or its images in the order the prompt takes;
+        ``videos`` each prompt's video (after its images), or ``None``.
         """
-        if len(images) != len(prompts) or not images:
+        videos = list(videos) if videos is not None else [None] * len(prompts)
+        if len(images) != len(prompts) or len(videos) != len(prompts) or not images:
             raise InputError(
                 f"one image (or list of images) per prompt: got {len(images)} for "
                 f"{len(prompts)} prompts"
             )
-        groups = [image_list(i) for i in images]
         start = time.perf_counter()
-        batch, tiles = self._process(groups, prompts, raw_prompt)
+        frames = [None if v is None else load_video(v) for v in videos]
+        if any(frames):
+            self._check_videos()
+        pairs = zip(images, frames, strict=True)
+        groups = [image_list(i, allow_none=c is not None) for i, c in pairs]
+        batch, tiles = self._process(groups, prompts, raw_prompt, frames)
         timings = {"preprocess_s": time.perf_counter() - start}
 
         start = time.perf_counter()
-        if self.vision.native:
+        video_embeds, video_grids = None, [None] * len(prompts)
+        if "pixel_values_videos" in batch:
+            grid = batch["video_grid_thw"]
+            outputs = self.vision.backend(batch["pixel_values_videos"], grid)
+            video_embeds = outputs["image_embeds"]
+            found = iter(tuple(int(n) for n in g) for g in grid.tolist())
+            video_grids = [None if c is None else next(found) for c in frames]
+        if self.vision.native and "pixel_values" not in batch:  # videos only
+            flat = self.model.get_input_embeddings().weight.new_zeros((0, self._width))
+            expected = []
+        elif self.vision.native:
             grid = batch["image_grid_thw"]
             embeds = self.vision.backend(batch["pixel_values"], grid)["image_embeds"]
             merge = self.loaded.vision.spatial_merge_size**2
             expected = (grid.prod(-1) // merge).tolist()
+            flat = embeds.reshape(-1, embeds.shape[-1])
         else:
-            rows = image_rows(self.model_type, batch["pixel_values"], sum(tiles))
+            rows = image_rows(self.model_type, batch["pixel_values"], tiles)
             embeds = self.vision.backend(rows)["image_embeds"]
-            expected = [n * embeds.shape[1] for n in tiles]
-        synchronize(embeds.device)
+            per_image = self.loaded.adapter.pack_image_embeds(
+                self.model, list(embeds.split(tiles)), batch
+            )
+            expected = [e.shape[0] for e in per_image]
+            flat = torch.cat(per_image)
+        synchronize(flat.device)
         timings["vision_s"] = time.perf_counter() - start
         sizes = [len(g) for g in groups]
-        flat = embeds.reshape(-1, embeds.shape[-1])
-        return EncodedBatch(batch, flat, expected, sizes, tiles, timings)
+        return EncodedBatch(batch, flat, expected, sizes, tiles, timings, video_embeds, video_grids)
+
+    @property
+    def _width(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    def _check_videos(self) -> None:
+        """Refuse videos where the encoder or the processor cannot take them.
+
+        Raises:
+            InputError: a fixed-size or exported encoder.
+            BackendUnavailableError: no video processor (transformers' needs torchvision).
+        """
+        if not self.vision.native:
+            raise InputError(
+                f"{self.loaded.name} takes no video here: videos need a native-resolution "
+                "encoder (drop --image-size)"
+            )
+        if self.vision.name != "torch":
+            raise InputError(
+                "the exported encoder takes images (one frame per temporal patch is not in the "
+                "graph); run videos with --vision-backend torch"
+            )
+        if getattr(self.processor, "video_processor", None) is None:
+            raise BackendUnavailableError(
+                "video input needs transformers' video processor, which needs torchvision; pip "
+                f"install the torchvision release that matches torch {torch.__version__}"
+            )
 
     def prepare(
         self, images: Sequence[PromptImages], prompts: Sequence[str], raw_prompt: bool = False
@@ -306,24 +407,32 @@ class VLMPipeline:
         device = self.device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         image_mask = ids == self.image_token_id
-        counts = image_mask.sum(1)
-        if counts.tolist() != expected or embeds.shape[0] != sum(expected):
-            raise InputError(
-                f"the prompts hold {counts.tolist()} image tokens but the encoder gives "
-                f"{expected}; use the model's own processor"
-            )
+        _check_rows("image", image_mask, expected, embeds)
+        visual_mask = image_mask
         with torch.no_grad():
             inputs_embeds = self.model.get_input_embeddings()(ids)
             inputs_embeds[image_mask] = embeds.to(inputs_embeds)
+            if encoded.video_embeds is not None:
+                video_mask = ids == self.model.config.video_token_id
+                merge = self.loaded.vision.spatial_merge_size**2
+                grids = encoded.video_grids
+                per_prompt = [0 if g is None else math.prod(g) // merge for g in grids]
+                _check_rows("video", video_mask, per_prompt, encoded.video_embeds)
+                inputs_embeds[video_mask] = encoded.video_embeds.to(inputs_embeds)
+                visual_mask = image_mask | video_mask
         extra = {
             k: v.to(device) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()
             if k not in ("input_ids", "attention_mask", "pixel_values")
         }
+        adapter = self.loaded.adapter
         positions = prefill_position_ids(self.model, ids, {"attention_mask": mask, **extra})
+        positions = positions + adapter.position_offset
+        blocks = adapter.prefix_blocks(batch)
+        blocks = None if blocks is None else blocks.to(device)
         synchronize(device)
         timings["stitch_s"] = time.perf_counter() - start
-        return LLMInputs(ids, mask, inputs_embeds, positions, image_mask), timings
+        return LLMInputs(ids, mask, inputs_embeds, positions, visual_mask, blocks), timings
 
     def run(
         self,
@@ -332,10 +441,11 @@ class VLMPipeline:
         sampling: SamplingConfig | None = None,
         on_token: TokenCallback | None = None,
         raw_prompt: bool = False,
+        videos: Sequence[VideoInput | None] | None = None,
     ) -> RunResult:
-        """Answer every prompt of the batch about its image (or its images, in order)."""
+        """Answer every prompt about its image (or images, in order) and its video, if any."""
         sampling = sampling or SamplingConfig()
-        encoded = self.encode(images, prompts, raw_prompt)
+        encoded = self.encode(images, prompts, raw_prompt, videos)
         inputs, timings = self.stitch(encoded)
         gen = generate(self.model, inputs, sampling, self.llm_pruning, self.llm_layer, on_token)
         answers = [self.decode(gen.tokens[b, : gen.lengths[b]]) for b in range(len(prompts))]
@@ -352,10 +462,18 @@ class VLMPipeline:
             kept = [n * self.vision.kept_per_image for n in tiles]
         else:  # each image at its own grid
             vit = [n * self.loaded.vision.spatial_merge_size**2 for n in llm]
-            ipcv = self.vision.ipcv
-            config = None if ipcv is None else IPCVConfig.from_dict(ipcv)
-            kept = vit if config is None else [config.kept_count(n) for n in vit]
+            kept = [self._kept(n) for n in vit]
+        grid = encoded.video_grids[prompt] if encoded.video_grids else None
+        if grid is not None:  # IPCV keeps its count per frame (temporal patch)
+            t, h, w = grid
+            vit, kept = [*vit, t * h * w], [*kept, t * self._kept(h * w)]
+            llm = [*llm, t * h * w // self.loaded.vision.spatial_merge_size**2]
         return {"vit_input": sum(vit), "vit_kept": sum(kept), "llm_input": sum(llm)}
+
+    def _kept(self, tokens: int) -> int:
+        """Tokens IPCV keeps of one image (or frame) of ``tokens`` at its own grid."""
+        ipcv = self.vision.ipcv
+        return tokens if ipcv is None else IPCVConfig.from_dict(ipcv).kept_count(tokens)
 
     def answer(
         self,
@@ -364,10 +482,13 @@ class VLMPipeline:
         sampling: SamplingConfig | None = None,
         on_text: TextCallback | None = None,
         raw_prompt: bool = False,
+        video: VideoInput | None = None,
     ) -> Answer:
-        """Answer one prompt about its image or images (``LLMBackend``), streamed to ``on_text``."""
+        """Answer one prompt about its image(s) and ``video`` (``LLMBackend``), streamed."""
         stream = None if on_text is None else _TextStream(self, on_text)
-        result = self.run([image], [prompt], sampling, on_token=stream, raw_prompt=raw_prompt)
+        result = self.run(
+            [image], [prompt], sampling, on_token=stream, raw_prompt=raw_prompt, videos=[video]
+        )
         tokens = result.tokens[0, : result.stats["new_tokens"]].tolist()
         return Answer(result.answers[0], tokens, result.stats)
 
@@ -413,6 +534,16 @@ class VLMPipeline:
             if self.llm_pruning is None
             else {**self.llm_pruning.to_dict(), "layer": self.llm_layer},
         }
+
+
+def _check_rows(kind: str, mask: torch.Tensor, expected: list[int], embeds: torch.Tensor) -> None:
+    """Refuse embeddings that do not fill the prompts' ``kind`` placeholder rows exactly."""
+    counts = mask.sum(1).tolist()
+    if counts != expected or embeds.shape[0] != sum(expected):
+        raise InputError(
+            f"the prompts hold {counts} {kind} tokens but the encoder gives {expected}; use the "
+            "model's own processor"
+        )
 
 
 class _TextStream:

@@ -66,11 +66,20 @@ def torch_vision(
     """The PyTorch reference encoder (IPCV when ``config`` is given, else dense).
 
     Qwen families run at native resolution and InternVL on its processor's dynamic tiles,
-    unless ``image_size`` fixes one size.
+    unless ``image_size`` fixes one size; LLaVA-NeXT always on its anyres tiles.
+
+    Raises:
+        ConfigError: a tower without an LLM, or an ``image_size`` for an anyres model.
     """
     if loaded.model is None:
         raise ConfigError(
             f"{loaded.name} is a vision tower without an LLM; `run` needs a full model"
+        )
+    anyres = loaded.adapter.anyres
+    if anyres and image_size is not None:
+        raise ConfigError(
+            f"{loaded.adapter.family} packs its anyres tiles of the tower's size for the LLM, "
+            "so images keep their own size; drop --image-size"
         )
     native = image_size is None and loaded.adapter.native_resolution
     encoder = RowEncoder(loaded, config, image_size, native=native)
@@ -84,7 +93,7 @@ def torch_vision(
         kept,
         None if config is None else config.to_dict(),
         native=native,
-        tiles=image_size is None and loaded.adapter.dynamic_tiles,
+        tiles=anyres or (image_size is None and loaded.adapter.dynamic_tiles),
     )
 
 
@@ -171,5 +180,6 @@ def artifact_vision(
         m.ipcv,
         native=m.native is not None,
         pixel_range=pixel_range,
-        tiles=loaded.adapter.dynamic_tiles,  # the artifact takes any number of its tiles
+        # the artifact takes any number of its tiles
+        tiles=loaded.adapter.dynamic_tiles or loaded.adapter.anyres,
     )

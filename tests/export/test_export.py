@@ -107,9 +107,9 @@ def test_trt_only_artifact_cannot_run_on_onnx_runtime(tmp_path):
         OrtBackend(artifact)
 
 
-def test_llava_next_tile_encoder_exports_and_verifies(tmp_path):
+def test_llava_next_tile_encoder_exports_and_verifies(exports):
     """LLaVA-NeXT exports the per-tile encoder + projector; tile packing stays in the runtime."""
-    artifact = export_tiny("tiny-llava-next", tmp_path / "next", return_indices=True)
+    artifact = exports("tiny-llava-next", return_indices=True)
     assert artifact.manifest.family == "LLaVA-NeXT (CLIP, anyres)"
     assert artifact.manifest.outputs[0].shape == ("batch", 64, 96)
     report = verify_artifact(artifact, batch=3)

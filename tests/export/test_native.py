@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -103,9 +104,11 @@ def test_verify_at_many_grids_two_images_and_polygraphy(native_artifact, tmp_pat
     # ipcv ops compared on every single-image case (not on the two-image call)
     assert {c.name.split("/")[0] for c in report.ops} == set(names[:5])
     assert all(c.mismatched == 0 for c in report.ops if c.kind == "index")
-    polygraphy = shutil.which("polygraphy") or f"{sys.executable} -m polygraphy"
+    # the script beside this interpreter (its venv need not be on PATH)
+    polygraphy = shutil.which("polygraphy", path=str(Path(sys.executable).parent))
+    assert polygraphy, "polygraphy's command is not installed beside this Python"
     command = [
-        *polygraphy.split(), "run", str(native_artifact.flavour_file("ort")), "--onnxrt",
+        polygraphy, "run", str(native_artifact.flavour_file("ort")), "--onnxrt",
         "--load-inputs", str(tmp_path / "inputs.json"),
         "--load-outputs", str(tmp_path / "reference.json"),
         "--atol", "1e-5", "--rtol", "1e-4",

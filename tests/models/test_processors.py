@@ -48,6 +48,8 @@ def _model_features(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> torc
     with torch.no_grad():
         if "image_grid_thw" in batch:
             out = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        elif not hasattr(config, "vision_feature_layer"):  # PaliGemma: the last layer
+            out = model.model.get_image_features(batch["pixel_values"])
         else:
             out = model.model.get_image_features(
                 pixel_values=batch["pixel_values"],
@@ -60,7 +62,9 @@ def _model_features(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> torc
     return features.reshape(len(batch["input_ids"]), -1, features.shape[-1])
 
 
-@pytest.mark.parametrize("model_type", [None, "qwen2_vl", "qwen2_5_vl", "internvl", "llava"])
+@pytest.mark.parametrize(
+    "model_type", [None, "qwen2_vl", "qwen2_5_vl", "internvl", "llava", "llava_next", "paligemma"]
+)
 def test_tiny_tokenizer_is_lossless_and_fits_the_tiny_llm(model_type: str | None) -> None:
     tokenizer = tiny_tokenizer() if model_type is None else tiny_tokenizer(model_type)
     assert len(tokenizer) == 320
@@ -98,7 +102,7 @@ def test_preset_processor_gives_the_models_image_tokens_and_pixels(name: str, to
     else:
         assert tuple(pixels.shape) == (2, 3, h, w)
 
-    rows = image_rows(model_type, pixels, 2)
+    rows = image_rows(model_type, pixels, [1, 1])
     with torch.no_grad():
         (embeds,) = RowEncoder(loaded, None)(rows)
     assert embeds.shape[:2] == (2, tokens)
@@ -127,14 +131,34 @@ def test_fit_processor_resizes_qwen_images_to_a_new_size_exactly() -> None:
     batch = processor(text=[processor.image_token] * 2, images=_images(), return_tensors="pt")
     assert batch["image_grid_thw"].tolist() == [[1, 8, 12]] * 2
     assert (batch["input_ids"] == IMAGE_ID).sum(1).tolist() == [24, 24]
-    assert image_rows("qwen2_vl", batch["pixel_values"], 2).shape == (2, 96, 1176)
+    assert image_rows("qwen2_vl", batch["pixel_values"], [1, 1]).shape == (2, 96, 1176)
+
+
+def test_paligemma_processor_writes_its_prefix() -> None:
+    """PaliGemma has no chat template: image tokens, BOS, the task, a newline; the whole
+    prefix is token type 0 (attended both ways), and its pixels give the model's features."""
+    loaded = _loaded("tiny-paligemma")
+    processor = load_processor(loaded, loaded.image_size)
+    assert processor.chat_template is None
+    batch = processor(
+        text=["<image>caption en", "<image>a longer task"],
+        images=_images(),
+        return_tensors="pt",
+        padding=True,
+    )
+    ids, types = batch["input_ids"], batch["token_type_ids"]
+    assert (ids == IMAGE_ID).sum(1).tolist() == [64, 64]
+    assert processor.decode(ids[1, 64:]) == "<s>a longer task\n"
+    assert not types.any()  # no suffix: all prefix
+    rows = image_rows("paligemma", batch["pixel_values"], [1, 1])
+    with torch.no_grad():
+        (embeds,) = RowEncoder(loaded, None)(rows)
+    torch.testing.assert_close(embeds, _model_features(loaded, batch), rtol=0, atol=1e-5)
 
 
 def test_processor_for_a_family_without_runtime_support() -> None:
-    loaded = load_model("tiny-paligemma")
-    with pytest.raises(UnsupportedModelError, match="does not support model_type 'paligemma'"):
-        load_processor(loaded, loaded.image_size)
-    with pytest.raises(UnsupportedModelError, match="does not support model_type 'paligemma'"):
-        preset_processor("paligemma", loaded.model.config, loaded.image_size)
-    with pytest.raises(UnsupportedModelError):
-        tiny_tokenizer("paligemma")
+    with pytest.raises(UnsupportedModelError, match="does not support model_type 'mllama'"):
+        tiny_tokenizer("mllama")
+    config = _loaded("tiny-llava").model.config
+    with pytest.raises(UnsupportedModelError, match="supported: internvl, llava, llava_next"):
+        preset_processor("mllama", config, (112, 112))

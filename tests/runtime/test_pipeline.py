@@ -21,13 +21,30 @@ from ipcv_deploy.runtime.generate import generate
 from ipcv_deploy.runtime.testcard import make_test_card
 from tests.conftest import NATIVE_MAX_PIXELS
 
-RUNTIME_PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-internvl", "tiny-llava")
+RUNTIME_PRESETS = (
+    "tiny-qwen2-vl",
+    "tiny-qwen2.5-vl",
+    "tiny-internvl",
+    "tiny-llava",
+    "tiny-llava-next",
+    "tiny-paligemma",
+)
 PROMPTS = ["What is this?", "Count the colour bars from left to right, please."]
 
 
 def _images(pipeline: VLMPipeline) -> list:
+    """Two images at the encoder's size; anyres models get two of their own sizes."""
+    if pipeline.loaded.adapter.anyres:
+        return _native_cards()
     h, w = pipeline.vision.image_size
     return [make_test_card().resize((w, h)), make_test_card(120, 90).resize((w, h))]
+
+
+def _hf_generate(pipeline: VLMPipeline, batch, tokens: int) -> torch.Tensor:
+    """The transformers model's own greedy ``generate`` on a processor batch: new tokens."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}  # PaliGemma's training labels
+    out = pipeline.model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+    return out[:, batch["input_ids"].shape[1] :]
 
 
 @pytest.mark.parametrize("name", RUNTIME_PRESETS)
@@ -41,9 +58,8 @@ def test_ipcv_keep_all_generates_what_the_dense_hf_model_does(name: str) -> None
     texts = [pipeline.format_prompt(p) for p in PROMPTS]
     batch = pipeline.processor(text=texts, images=images, return_tensors="pt", padding=True)
     assert int(batch["attention_mask"].sum(1).min()) < batch["input_ids"].shape[1]  # padded
-    ref = loaded.model.generate(**batch, max_new_tokens=6, do_sample=False)
     ours = pipeline.run(images, PROMPTS, SamplingConfig(6))
-    assert torch.equal(ours.tokens, ref[:, batch["input_ids"].shape[1] :])
+    assert torch.equal(ours.tokens, _hf_generate(pipeline, batch, 6))
     assert ours.stats["visual_tokens"]["vit_kept"] == ours.stats["visual_tokens"]["vit_input"]
 
 
@@ -68,7 +84,7 @@ def test_batch_equals_single_prompts_with_ipcv_and_dart() -> None:
 
 @pytest.fixture
 def qwen_artifact(exports) -> Path:
-    return exports("tiny-qwen2-vl", target="ort").path
+    return exports("tiny-qwen2-vl", return_indices=True).path
 
 
 def test_onnxruntime_vision_answers_like_torch(qwen_artifact: Path) -> None:
@@ -118,9 +134,8 @@ def test_several_images_per_prompt_generate_what_the_hf_model_does(name: str) ->
     groups = [[a, b], [b]]
     texts = [pipeline.format_prompt(p, images=len(g)) for p, g in zip(PROMPTS, groups, strict=True)]
     batch = pipeline.processor(text=texts, images=groups, return_tensors="pt", padding=True)
-    ref = loaded.model.generate(**batch, max_new_tokens=6, do_sample=False)
     ours = pipeline.run(groups, PROMPTS, SamplingConfig(6))
-    assert torch.equal(ours.tokens, ref[:, batch["input_ids"].shape[1] :])
+    assert torch.equal(ours.tokens, _hf_generate(pipeline, batch, 6))
     one = [pipeline.run([[image]], PROMPTS[:1], SamplingConfig(1)) for image in (a, b)]
     vt = ours.stats["visual_tokens"]  # the first prompt: both images
     for key in ("vit_input", "llm_input"):
@@ -148,7 +163,7 @@ def test_internvl_dynamic_tiles_generate_what_the_hf_model_does(exports) -> None
     assert torch.equal(ours.tokens, ref[:, batch["input_ids"].shape[1] :])
     assert ours.stats["visual_tokens"]["vit_input"] == 13 * pipeline.vision.tokens_per_image
     ipcv = VLMPipeline.create(loaded, ipcv=reference)
-    artifact = exports("tiny-internvl", target="ort").path
+    artifact = exports("tiny-internvl", return_indices=True).path
     ort = VLMPipeline.create(loaded, vision_backend="ort", artifact=artifact)
     assert ort.vision.tiles
     a, b = (p.run(images, PROMPTS, SamplingConfig(6)) for p in (ort, ipcv))
@@ -160,6 +175,65 @@ def test_internvl_dynamic_tiles_generate_what_the_hf_model_does(exports) -> None
     assert fixed.run(images, PROMPTS, SamplingConfig(1)).stats["visual_tokens"]["vit_input"] == (
         fixed.vision.tokens_per_image
     )
+
+
+def test_llava_next_anyres_tiles_through_torch_and_onnxruntime(exports) -> None:
+    """LLaVA-NeXT keeps its processor's anyres tiles (base image + crops) and the model's own
+    packing (unpad, image_newline); the exported tile encoder answers like torch IPCV, which
+    counts its kept tokens per tile."""
+    loaded = load_model("tiny-llava-next")
+    reference = loaded.adapter.reference_ipcv()
+    ipcv = VLMPipeline.create(loaded, ipcv=reference)
+    artifact = exports("tiny-llava-next", return_indices=True).path
+    ort = VLMPipeline.create(loaded, vision_backend="ort", artifact=artifact)
+    assert ort.vision.tiles and ipcv.vision.tiles
+    images = _native_cards()  # 224x280 and 90x120: 5 and 3 tiles
+    a, b = (p.run(images, PROMPTS, SamplingConfig(6)) for p in (ort, ipcv))
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.stats["visual_tokens"] == b.stats["visual_tokens"]
+    vt = b.stats["visual_tokens"]
+    assert (vt["vit_input"], vt["vit_kept"]) == (5 * 65, 5 * ipcv.vision.kept_per_image)
+    assert vt["llm_input"] == ipcv.encode(images[:1], PROMPTS[:1]).tokens_per_image[0]
+
+
+def _prefill_logits(pipeline: VLMPipeline, prefix_lm: bool = True) -> torch.Tensor:
+    inputs, _ = pipeline.prepare(_images(pipeline), PROMPTS)
+    if not prefix_lm:
+        inputs = dataclasses.replace(inputs, prefix_blocks=None)
+    gen = generate(pipeline.model, inputs, SamplingConfig(1), return_scores=True)
+    return gen.scores[:, 0]
+
+
+def test_paligemma_prefill_uses_its_prefix_lm_mask() -> None:
+    """PaliGemma's image and prompt attend to each other both ways at prefill: the first
+    token's logits equal the model's own forward (1e-5), and differ from a causal prefill.
+    LLM-side pruning runs on that mask, a batch as its prompts one at a time."""
+    loaded = load_model("tiny-paligemma")
+    pipeline = VLMPipeline.create(loaded)
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "caption"}]}
+    assert pipeline.chat_prompt([user]) == pipeline.format_prompt("caption") == "<image>caption"
+    with pytest.raises(InputError, match="has no chat template"):  # the server's messages
+        pipeline.chat_prompt([user, {"role": "assistant", "content": "a"}, user])
+    batch = pipeline.processor(
+        text=[pipeline.format_prompt(p) for p in PROMPTS],
+        images=_images(pipeline),
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        reference = loaded.model(**inputs).logits[:, -1]
+    ours = _prefill_logits(pipeline)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert (_prefill_logits(pipeline, prefix_lm=False) - reference).abs().max() > 1e-3
+    dart = VLMPipeline.create(
+        loaded, ipcv=loaded.adapter.reference_ipcv(), llm_pruning=LLMPruningConfig("dart", 0.35)
+    )
+    images = _images(dart)
+    together = dart.run(images, PROMPTS, SamplingConfig(4))
+    for b in range(2):
+        alone = dart.run([images[b]], [PROMPTS[b]], SamplingConfig(4))
+        assert torch.equal(together.tokens[b, : alone.tokens.shape[1]], alone.tokens[0])
 
 
 def test_native_artifact_answers_like_torch(exports) -> None:
@@ -240,7 +314,7 @@ def test_run_cli_streams_and_reports(tmp_path: Path, capsys: pytest.CaptureFixtu
         (["--llm-keep", "0"], r"--llm-keep must be in (0, 1]"),
         (["--llm-pruning", "tokencarve", "--llm-layer", "9"], "does not fit an LLM of 4 layers"),
         (["--vision-backend", "ort"], "pass --artifact"),
-        (["--model", "tiny-paligemma"], "does not support model_type 'paligemma'"),
+        (["--model", "tiny-llava-next", "--image-size", "112x112"], "drop --image-size"),
         (["--model", "qwen2-vl-7b-vit"], "without an LLM"),
     ],
 )
@@ -303,6 +377,39 @@ def test_eval_on_a_synthetic_set(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert saved["variants"]["dense"]["exact_match"] == pytest.approx(2 / 3)
     assert set(saved["variants"]) == {"dense", "compressed"}
     assert saved["variants"]["compressed"]["visual_tokens"]["vit_kept"] == 89
+
+
+@pytest.mark.parametrize(
+    ("name", "visual"),
+    [
+        # 448x336 card: base + 2x2 crops of 65 ViT tokens; 64 + unpadded 16x12 grid + newlines
+        ("tiny-llava-next", {"vit_input": 325, "vit_kept": 115, "llm_input": 268}),
+        ("tiny-paligemma", {"vit_input": 64, "vit_kept": 22, "llm_input": 64}),
+        # 12 tiles + thumbnail of 65 tokens; eval's dense variant tiles the same way
+        ("tiny-internvl", {"vit_input": 845, "vit_kept": 299, "llm_input": 208}),
+    ],
+)
+def test_run_and_eval_serve_tiled_and_prefix_lm_models(
+    name: str, visual: dict[str, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "card.png"
+    make_test_card().save(image)
+    code, out, _ = _cli(
+        capsys, "run", "--model", name, "--image", str(image), "--max-new-tokens", "3", "--json"
+    )
+    assert code == 0
+    report = json.loads(out)
+    assert {k: report["visual_tokens"][k] for k in visual} == visual
+    line = {"image": "card.png", "question": "What is shown?", "answer": "bars"}
+    (tmp_path / "vqa.jsonl").write_text(json.dumps(line) + "\n")
+    code, out, _ = _cli(
+        capsys, "eval", str(tmp_path), "--model", name, "--max-new-tokens", "3", "--json"
+    )
+    assert code == 0
+    variants = json.loads(out)["variants"]
+    assert variants["compressed"]["visual_tokens"]["vit_kept"] == visual["vit_kept"]
+    dense = {**visual, "vit_kept": visual["vit_input"], "llm_kept": visual["llm_input"]}
+    assert variants["dense"]["visual_tokens"] == dense
 
 
 @pytest.mark.parametrize("method", ["none", "dart", "fastv", "tokencarve"])

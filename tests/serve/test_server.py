@@ -104,6 +104,31 @@ def test_openai_client_gets_the_answer_of_ipcv_export_run(
     assert reply.choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("model", ["tiny-llava-next", "tiny-paligemma"])
+def test_anyres_and_prefix_lm_models_answer_as_run_does(
+    model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LLaVA-NeXT (anyres tiles) and PaliGemma (no chat template: its own prompt, prefix-LM
+    mask) over HTTP give the answer of `ipcv-export run`."""
+    image = tmp_path / "card.png"
+    image.write_bytes(_png())
+    argv = ["run", "--model", model, "--image", str(image), "--prompt", PROMPT]
+    assert main([*argv, "--max-new-tokens", "4", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    served = ServerProcess(model, timeout_s=180)
+    try:
+        reply = httpx.post(
+            f"{served.url}/v1/chat/completions",
+            json={**body(max_tokens=4), "model": model},
+            timeout=120,
+        ).json()
+    finally:
+        served.stop()
+    assert reply["choices"][0]["message"]["content"] == expected["answer"]
+    assert reply["usage"]["prompt_tokens"] == expected["prompt_tokens_per_sample"][0]
+    assert reply["usage"]["ipcv"]["visual_tokens"] == expected["visual_tokens"]
+
+
 def test_streaming_yields_the_same_tokens(server: Server, client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(
         model=MODEL, messages=user(data_url()), max_tokens=12, temperature=0

@@ -19,7 +19,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ipcv_deploy.artifact import MANIFEST_NAME, PACKAGE_NAME, QUANTIZE_MODES, Artifact
+from ipcv_deploy.artifact import (
+    MANIFEST_NAME,
+    PACKAGE_NAME,
+    QUANTIZE_MODES,
+    Artifact,
+    load_artifact,
+)
 from ipcv_deploy.bench.report import peak_rss_gb, progress
 from ipcv_deploy.cli.options import (
     add_ipcv_args,
@@ -55,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "GenAI loads as is (this vision encoder, an embedding model, the text decoder from "
         f"onnxruntime_genai.models.builder, genai_config.json, tokenizer, processor; "
         f"{genai_families()}; needs onnxruntime-genai)",
+    )
+    parser.add_argument(
+        "--vision-artifact",
+        type=Path,
+        help="with --format ort-genai: package this native vision export of --model (its "
+        "IPCV settings and pixel range) instead of exporting the encoder again",
     )
     parser.add_argument(
         "--target",
@@ -175,7 +187,8 @@ def _export_package(
     """``--format ort-genai``: the package, then what was written."""
     from ipcv_deploy.export.ort_genai import export_ort_genai
 
-    package = export_ort_genai(loaded, options, out, progress=progress)
+    vision = None if args.vision_artifact is None else load_artifact(args.vision_artifact)
+    package = export_ort_genai(loaded, options, out, progress=progress, vision_artifact=vision)
     elapsed = time.perf_counter() - started
     if args.json:
         print_json({"package": str(out), "elapsed_s": elapsed, **package.data})
@@ -203,6 +216,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--quantize {args.quantize} is for ONNX Runtime (CPU); TensorRT builds its own "
             "reduced precision (build --precision): pass --target ort or leave --target out"
+        )
+    if args.vision_artifact is not None and not package:
+        raise ConfigError(
+            "--vision-artifact names the encoder of an ONNX Runtime GenAI package: add "
+            "--format ort-genai"
         )
     if package and (args.quantize != "none" or args.target):
         raise ConfigError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,8 +40,10 @@ from ipcv_deploy.artifact import (
     PACKAGE_FORMAT,
     PACKAGE_NAME,
     PACKAGE_VERSION,
+    Artifact,
     GenaiPackage,
     file_entry,
+    load_artifact,
     load_genai_package,
 )
 from ipcv_deploy.errors import ArtifactError, BackendUnavailableError, ConfigError
@@ -167,19 +170,39 @@ def _export_decoder(loaded: LoadedModel, processor, stage: Path, work: Path) -> 
         raise ArtifactError("the builder wrote no tokenizer.json; the checkpoint needs one")
 
 
+def _check_vision_artifact(artifact: Artifact, loaded: LoadedModel) -> None:
+    """Refuse a vision artifact the package cannot use as its encoder."""
+    from ipcv_deploy.runtime.vision import check_artifact_fits
+
+    check_artifact_fits(artifact, loaded)
+    m = artifact.manifest
+    if m.native is None or "ort" not in m.flavours:
+        raise ArtifactError(
+            f"{artifact.path} is not a native-resolution export with an ONNX Runtime flavour, "
+            "which ONNX Runtime GenAI feeds the processor's own grid; export one with "
+            "`ipcv-export export` (no --image-size, --target ort or all)"
+        )
+
+
 def export_ort_genai(
     loaded: LoadedModel,
     options: ExportOptions,
     out: Path,
     progress: Callable[[str], None] = lambda message: None,
+    vision_artifact: Artifact | None = None,
 ) -> GenaiPackage:
     """Write the ONNX Runtime GenAI package of ``loaded`` (IPCV or dense vision) to ``out``.
+
+    ``vision_artifact``: an existing native-resolution export of ``loaded`` to package (copied
+    as it is, its IPCV settings and pixel range) instead of exporting the encoder again;
+    ``options`` then only set ``force``.
 
     Raises:
         ConfigError: a family ONNX Runtime GenAI is not set up for, a model without its
             LLM, a fixed-size export, or another dtype than float32.
         BackendUnavailableError: onnxruntime-genai is not installed.
-        ArtifactError: ``out`` exists without ``force``, or the builder failed.
+        ArtifactError: ``out`` exists without ``force``, the builder failed, or
+            ``vision_artifact`` is not a native export of this model with an ``ort`` flavour.
     """
     model_type = loaded.adapter.model_types[0]
     if model_type not in GENAI_MODEL_TYPES:
@@ -189,7 +212,9 @@ def export_ort_genai(
         )
     if loaded.model is None:
         raise ConfigError(f"{loaded.name} has no LLM; --format ort-genai needs the full model")
-    if options.native is None:
+    if vision_artifact is not None:
+        _check_vision_artifact(vision_artifact, loaded)
+    elif options.native is None:
         raise ConfigError(
             "--format ort-genai takes the native-resolution export (ONNX Runtime GenAI feeds "
             "the processor's own grid): drop --image-size"
@@ -199,8 +224,13 @@ def export_ort_genai(
     builder = _builder_version()
     processor = load_processor(loaded, None)
     with staged_directory(out, options.force, marker=PACKAGE_NAME) as stage:
-        vision_options = dataclasses.replace(options, target="ort", force=False)
-        vision = export_encoder(loaded, vision_options, stage / VISION_DIR, progress=progress)
+        if vision_artifact is None:
+            vision_options = dataclasses.replace(options, target="ort", force=False)
+            vision = export_encoder(loaded, vision_options, stage / VISION_DIR, progress=progress)
+        else:
+            progress(f"copying the vision encoder from {vision_artifact.path} ...")
+            shutil.copytree(vision_artifact.path, stage / VISION_DIR)
+            vision = load_artifact(stage / VISION_DIR)
         progress("exporting the text decoder with onnxruntime_genai.models.builder ...")
         with tempfile.TemporaryDirectory(dir=stage.parent, prefix=f".{out.name}.llm-") as work:
             _export_decoder(loaded, processor, stage, Path(work))

@@ -22,7 +22,13 @@ from ipcv_deploy.config import IPCVConfig
 from ipcv_deploy.errors import ArtifactError, ConfigError
 from ipcv_deploy.models import ImageSize, LoadedModel
 
-__all__ = ["VISION_BACKENDS", "VisionEncoder", "artifact_vision", "torch_vision"]
+__all__ = [
+    "VISION_BACKENDS",
+    "VisionEncoder",
+    "artifact_vision",
+    "check_artifact_fits",
+    "torch_vision",
+]
 
 VISION_BACKENDS = ("torch", "ort", "trt")
 
@@ -103,8 +109,13 @@ def _describe(source: dict[str, Any]) -> str:
     return str(source.get("path"))
 
 
-def _check_artifact_fits(artifact: Artifact, loaded: LoadedModel) -> None:
-    """Refuse an artifact exported from another model than the LLM's."""
+def check_artifact_fits(artifact: Artifact, loaded: LoadedModel) -> None:
+    """Refuse an artifact exported from another model than the LLM's.
+
+    Raises:
+        ArtifactError: another family, tower features instead of LLM embeddings, another
+            width, or another source model, each named.
+    """
     m = artifact.manifest
     adapter = loaded.adapter
     problems = []
@@ -150,7 +161,7 @@ def artifact_vision(
         plugin_lib: the plugin library for ``ort_provider="tensorrt"``.
     """
     artifact = load_artifact(artifact_dir)
-    _check_artifact_fits(artifact, loaded)
+    check_artifact_fits(artifact, loaded)
     m = artifact.manifest
     if backend == "ort":
         from ipcv_deploy.backends.onnxruntime_backend import OrtBackend

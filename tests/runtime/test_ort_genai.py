@@ -13,6 +13,7 @@ import pytest
 
 from ipcv_deploy.cli import main
 from ipcv_deploy.errors import ArtifactError
+from ipcv_deploy.export import PixelRange
 from ipcv_deploy.models import load_model
 from ipcv_deploy.runtime import SamplingConfig, VLMPipeline
 from ipcv_deploy.runtime.ort_genai import GenaiPipeline
@@ -34,13 +35,22 @@ def card():
 
 
 @pytest.fixture(scope="module")
-def packages(tmp_path_factory) -> dict[str, Path]:
+def packages(tmp_path_factory, exports) -> dict[str, Path]:
+    """Qwen2-VL's package exports its encoder; Qwen2.5-VL's packages the session's native
+    export of it (``--vision-artifact``), which the export tests verify at many grids."""
     root = tmp_path_factory.mktemp("genai")
     made = {}
     for name in FAMILIES:
         out = root / name
         argv = ["export", "--model", name, "--format", "ort-genai", "--out", str(out)]
-        assert main([*argv, "--max-pixels", str(NATIVE_MAX_PIXELS)]) == 0
+        if name == "tiny-qwen2-vl":
+            argv += ["--max-pixels", str(NATIVE_MAX_PIXELS)]
+        else:
+            vision = exports(
+                name, native=PixelRange(56 * 56, NATIVE_MAX_PIXELS), return_indices=True
+            )
+            argv += ["--vision-artifact", str(vision.path)]
+        assert main(argv) == 0
         made[name] = out
     return made
 
@@ -168,10 +178,20 @@ def test_bad_packages_and_options_are_one_line_errors(packages, tmp_path, capsys
         GenaiPipeline(other)
 
 
-def test_export_refuses_what_it_cannot_package(tmp_path, capsys):
+def test_export_refuses_what_it_cannot_package(tmp_path, capsys, exports):
     out = str(tmp_path / "p")
     export = ["export", "--format", "ort-genai", "--out", out]
     assert "not InternVL" in _error(capsys, [*export, "--model", "tiny-internvl"])
+    fixed = exports("tiny-qwen2-vl", return_indices=True).path
+    other = exports(
+        "tiny-qwen2.5-vl", native=PixelRange(56 * 56, NATIVE_MAX_PIXELS), return_indices=True
+    ).path
+    qwen = [*export, "--model", "tiny-qwen2-vl", "--vision-artifact"]
+    assert "not a native-resolution export" in _error(capsys, [*qwen, str(fixed)])
+    assert "does not belong to this model" in _error(capsys, [*qwen, str(other)])
+    assert "add --format ort-genai" in _error(
+        capsys, ["export", "--model", "tiny-qwen2-vl", "--vision-artifact", str(other)]
+    )
     assert "drop --quantize / --target" in _error(
         capsys, [*export, "--model", "tiny-qwen2-vl", "--quantize", "int8"]
     )

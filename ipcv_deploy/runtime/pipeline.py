@@ -345,7 +345,8 @@ class VLMPipeline:
             found = iter(tuple(int(n) for n in g) for g in grid.tolist())
             video_grids = [None if c is None else next(found) for c in frames]
         if self.vision.native and "pixel_values" not in batch:  # videos only
-            flat = self.model.get_input_embeddings().weight.new_zeros((0, self._width))
+            table = self.model.get_input_embeddings()
+            flat = table.weight.new_zeros((0, table.embedding_dim))
             expected = []
         elif self.vision.native:
             grid = batch["image_grid_thw"]
@@ -366,10 +367,6 @@ class VLMPipeline:
         sizes = [len(g) for g in groups]
         return EncodedBatch(batch, flat, expected, sizes, tiles, timings, video_embeds, video_grids)
 
-    @property
-    def _width(self) -> int:
-        return self.model.get_input_embeddings().embedding_dim
-
     def _check_videos(self) -> None:
         """Refuse videos where the encoder or the processor cannot take them.
 
@@ -384,8 +381,8 @@ class VLMPipeline:
             )
         if self.vision.name != "torch":
             raise InputError(
-                "the exported encoder takes images (one frame per temporal patch is not in the "
-                "graph); run videos with --vision-backend torch"
+                "the exported encoder takes images only (grids of one temporal patch); run "
+                "videos with --vision-backend torch"
             )
         if getattr(self.processor, "video_processor", None) is None:
             raise BackendUnavailableError(
@@ -423,7 +420,7 @@ class VLMPipeline:
         extra = {
             k: v.to(device) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()
-            if k not in ("input_ids", "attention_mask", "pixel_values")
+            if k not in ("input_ids", "attention_mask", "pixel_values", "pixel_values_videos")
         }
         adapter = self.loaded.adapter
         positions = prefill_position_ids(self.model, ids, {"attention_mask": mask, **extra})

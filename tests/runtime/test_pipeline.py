@@ -204,10 +204,11 @@ def _prefill_logits(pipeline: VLMPipeline, prefix_lm: bool = True) -> torch.Tens
     return gen.scores[:, 0]
 
 
-def test_paligemma_prefill_uses_its_prefix_lm_mask() -> None:
+def test_paligemma_prefill_uses_its_prefix_lm_mask(exports) -> None:
     """PaliGemma's image and prompt attend to each other both ways at prefill: the first
     token's logits equal the model's own forward (1e-5), and differ from a causal prefill.
-    LLM-side pruning runs on that mask, a batch as its prompts one at a time."""
+    LLM-side pruning runs on that mask, a batch as its prompts one at a time; its exported
+    encoder answers like torch IPCV."""
     loaded = load_model("tiny-paligemma")
     pipeline = VLMPipeline.create(loaded)
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "caption"}]}
@@ -234,6 +235,12 @@ def test_paligemma_prefill_uses_its_prefix_lm_mask() -> None:
     for b in range(2):
         alone = dart.run([images[b]], [PROMPTS[b]], SamplingConfig(4))
         assert torch.equal(together.tokens[b, : alone.tokens.shape[1]], alone.tokens[0])
+    artifact = exports("tiny-paligemma", return_indices=True).path
+    ort = VLMPipeline.create(loaded, vision_backend="ort", artifact=artifact)
+    ipcv = VLMPipeline.create(loaded, ipcv=loaded.adapter.reference_ipcv())
+    onnx, eager = (p.run(images, PROMPTS, SamplingConfig(4)) for p in (ort, ipcv))
+    assert torch.equal(onnx.tokens, eager.tokens)
+    assert onnx.stats["visual_tokens"] == eager.stats["visual_tokens"]
 
 
 def test_native_artifact_answers_like_torch(exports) -> None:

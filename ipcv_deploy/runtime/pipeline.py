@@ -406,8 +406,15 @@ class VLMPipeline:
         image_mask = ids == self.image_token_id
         _check_rows("image", image_mask, expected, embeds)
         visual_mask = image_mask
+        table = self.model.get_input_embeddings()
+        if int(ids.max()) >= table.num_embeddings:
+            raise InputError(
+                f"the prompt holds token id {int(ids.max())}, outside the LLM's vocabulary of "
+                f"{table.num_embeddings}: the tokenizer knows tokens the model does not; "
+                "remove them from the prompt"
+            )
         with torch.no_grad():
-            inputs_embeds = self.model.get_input_embeddings()(ids)
+            inputs_embeds = table(ids)
             inputs_embeds[image_mask] = embeds.to(inputs_embeds)
             if encoded.video_embeds is not None:
                 video_mask = ids == self.model.config.video_token_id

@@ -322,6 +322,8 @@ def test_run_cli_streams_and_reports(tmp_path: Path, capsys: pytest.CaptureFixtu
         (["--llm-pruning", "tokencarve", "--llm-layer", "9"], "does not fit an LLM of 4 layers"),
         (["--vision-backend", "ort"], "pass --artifact"),
         (["--model", "tiny-llava-next", "--image-size", "112x112"], "drop --image-size"),
+        # PaliGemma's processor adds <loc....> tokens the tiny LLM's vocabulary lacks
+        (["--model", "tiny-paligemma", "--prompt", "detect <loc0001>"], "outside the LLM's"),
         (["--model", "qwen2-vl-7b-vit"], "without an LLM"),
     ],
 )

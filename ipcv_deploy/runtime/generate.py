@@ -49,7 +49,8 @@ class LLMInputs:
         attention_mask: [B, L] 1 on tokens, 0 on left padding.
         inputs_embeds: [B, L, D] token embeddings with image features in placeholder rows.
         position_ids: the model's prefill positions, [B, L] or [R, B, L] (mRoPE).
-        image_mask: [B, L] True on image placeholder rows.
+        image_mask: [B, L] True on visual placeholder rows (images and videos: what
+            LLM-side pruning may drop).
         prefix_blocks: [B, L] spans attended both ways at prefill (prefix-LM models: equal
             ids >= 0 see each other, -1 is causal), ``None`` for a causal LLM.
     """

@@ -54,7 +54,7 @@ __all__ = ["EncodedBatch", "ImageInput", "RunResult", "VLMPipeline", "load_image
 
 @dataclass
 class EncodedBatch:
-    """A processed batch and its image embeddings, before they meet the LLM.
+    """A processed batch and its image (and video) embeddings, before they meet the LLM.
 
     ``batch`` is the processor's output, ``embeds`` [sum of ``tokens_per_image``, hidden] the
     vision backend's, in image order (prompt by prompt, ``images_per_prompt`` each);
@@ -374,6 +374,11 @@ class VLMPipeline:
             InputError: a fixed-size or exported encoder.
             BackendUnavailableError: no video processor (transformers' needs torchvision).
         """
+        if not self.loaded.adapter.native_resolution:
+            raise InputError(
+                f"{self.loaded.adapter.family} takes no videos; videos run on the "
+                "native-resolution families"
+            )
         if not self.vision.native:
             raise InputError(
                 f"{self.loaded.name} takes no video here: videos need a native-resolution "

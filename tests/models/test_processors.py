@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ipcv_deploy.backends import RowEncoder
-from ipcv_deploy.errors import UnsupportedModelError
+from ipcv_deploy.errors import ConfigError, UnsupportedModelError
 from ipcv_deploy.models import LoadedModel, load_model
 from ipcv_deploy.models.processors import (
     IMAGE_ID,
@@ -154,6 +154,14 @@ def test_paligemma_processor_writes_its_prefix() -> None:
     with torch.no_grad():
         (embeds,) = RowEncoder(loaded, None)(rows)
     torch.testing.assert_close(embeds, _model_features(loaded, batch), rtol=0, atol=1e-5)
+
+
+def test_llava_next_is_never_fitted_to_one_size() -> None:
+    """Its LLM packs anyres tiles: one fixed-size image would be a silent mismatch."""
+    loaded = _loaded("tiny-llava-next")
+    processor = load_processor(loaded, None)
+    with pytest.raises(ConfigError, match="drop --image-size"):
+        fit_processor(processor, "llava_next", (112, 112))
 
 
 def test_processor_for_a_family_without_runtime_support() -> None:

@@ -162,6 +162,12 @@ def test_bad_packages_and_options_are_one_line_errors(packages, tmp_path, capsys
     assert "pass --artifact DIR" in _error(capsys, ["run", "--llm-backend", "ort-genai"])
     two = ["--image", "a.png", "--image", "b.png"]
     assert "one image per prompt: pass one --image" in _error(capsys, [*run, str(package), *two])
+    item = {"video": "clip", "question": "What happens?", "answer": "bars"}
+    (tmp_path / "vqa.jsonl").write_text(json.dumps(item) + "\n")
+    evaluate = ["eval", str(tmp_path), "--model", "tiny-qwen2-vl", "--llm-backend", "ort-genai"]
+    assert "items with a video run on --llm-backend transformers, not ort-genai" in _error(
+        capsys, [*evaluate, "--artifact", str(package)]
+    )
 
     modified = tmp_path / "modified"
     shutil.copytree(package, modified)

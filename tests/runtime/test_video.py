@@ -133,8 +133,11 @@ def test_frames_from_a_folder_an_animation_or_a_list(tmp_path: Path) -> None:
             load_video(source)
 
 
-def test_videos_are_refused_where_they_cannot_run(exports, tmp_path: Path) -> None:
+def test_videos_are_refused_where_they_cannot_run(exports, tmp_path: Path, capsys) -> None:
     frames = _frames()
+    tiles = VLMPipeline.create("tiny-internvl")
+    with pytest.raises(InputError, match=r"InternVL.* takes no videos"):
+        tiles.run([[]], ["What happens?"], SamplingConfig(2), videos=[frames])
     fixed = VLMPipeline.create("tiny-qwen2-vl", image_size=(112, 112))
     with pytest.raises(InputError, match="videos need a native-resolution encoder"):
         fixed.run([[]], ["What happens?"], SamplingConfig(2), videos=[frames])
@@ -155,13 +158,20 @@ def test_videos_are_refused_where_they_cannot_run(exports, tmp_path: Path) -> No
     for i, frame in enumerate(frames):
         frame.save(folder / f"{i}.png")
     argv = ["run", "--model", "tiny-qwen2-vl", "--video", str(folder), "--max-new-tokens", "2"]
-    assert main([*argv, "--llm-backend", "ort-genai"]) == 2
-    assert main([*argv, "--image-size", "112x112"]) == 2
+    cases = [
+        (["--llm-backend", "ort-genai"], "--video: not an option of --llm-backend ort-genai"),
+        (["--llm-backend", "vllm"], "--video runs on --llm-backend transformers, not vllm"),
+        (["--image-size", "112x112"], "videos need a native-resolution encoder"),
+    ]
+    for extra, message in cases:
+        assert main([*argv, *extra]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
     (tmp_path / "vqa.jsonl").write_text(_video_item("clip"))
     (item,) = load_items(tmp_path)
     assert (item.image, item.video) == ((), folder)
     if not is_torchvision_available():
         assert main(["eval", str(tmp_path), "--model", "tiny-qwen2-vl"]) == 2
+        assert "needs torchvision" in capsys.readouterr().err
 
 
 def _video_item(video: str) -> str:
